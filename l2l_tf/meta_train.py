@@ -1,0 +1,215 @@
+"""Meta-training the LSTM optimizer by truncated backpropagation through time.
+
+One epoch draws a fresh problem, runs it for `num_steps` optimizee steps in unrolls of `unroll_length`, and takes
+one Adam step on φ per unroll. Within an unroll the meta-loss is Σ_t w_t f(θ_t) over its steps t = s+1..s+K; θ and
+the LSTM state carry over to the next unroll without gradient across the boundary. With
+`second_derivatives=False` (the paper's default) the optimizee gradient enters the LSTM through a stop-gradient.
+"""
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from l2l_tf import baselines, evaluation
+from l2l_tf.problems import seeds_for
+from l2l_tf.update_rule import LSTMUpdateRule, save_phi
+
+
+class MetaTrainer:
+    """Truncated-BPTT meta-trainer of an `LSTMUpdateRule` on a `ProblemFamily`.
+
+    Args:
+        rule: the update rule (architecture, preprocessing, output scale, implementation).
+        family: problems to meta-train on (a fresh one each epoch).
+        num_steps: optimizee steps per problem, T (paper: 100).
+        unroll_length: steps per truncated unroll, K (paper: 20); must divide T.
+        loss_weights: w_1..w_T of the meta-loss (default all 1).
+        second_derivatives: keep ∂∇f/∂φ (False: stop-gradient on the optimizee gradient, as in the paper).
+        learning_rate: Adam learning rate on φ (release: 1e-3).
+        clip_norm: clip the meta-gradient to this global norm (None: no clipping).
+        jit_compile: compile each unroll with XLA (the step then uses the pure-TF path).
+        phi: initial φ (default `rule.init_phi(seed)`).
+        seed: seeds φ's initialisation and the training problems.
+        validation_family: problems for validation/early stopping (default `family`).
+    """
+
+    def __init__(self, rule: LSTMUpdateRule, family, *, num_steps=100, unroll_length=20, loss_weights=None,
+                 second_derivatives=False, learning_rate=1e-3, clip_norm=None, jit_compile=False, phi=None, seed=0,
+                 validation_family=None):
+        if num_steps % unroll_length:
+            raise ValueError(f"unroll_length ({unroll_length}) must divide num_steps ({num_steps})")
+        self.rule, self.family = rule, family
+        self.num_steps, self.unroll_length = int(num_steps), int(unroll_length)
+        weights = np.ones(num_steps) if loss_weights is None else np.asarray(loss_weights, np.float64)
+        if weights.shape != (num_steps,):
+            raise ValueError(f"loss_weights must have {num_steps} entries (one per step), got {weights.shape}")
+        self.loss_weights = tf.constant(weights, tf.float32)
+        self.second_derivatives = bool(second_derivatives)
+        self.seed = int(seed)
+        initial = rule.init_phi(seed) if phi is None else tf.convert_to_tensor(phi, tf.float32)
+        rule.check_phi(initial)
+        self.phi = keras.Variable(initial, name="phi")
+        self.optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clip_norm)
+        self.optimizer.build([self.phi])
+        self.epoch = 0            # epochs completed
+        self.skipped_steps = 0    # meta-updates dropped for non-finite meta-gradients
+        self.best_phi = np.array(initial.numpy())
+        self.best_validation = math.inf
+        self.history = []         # (epoch, validation loss)
+        self.validation_evaluator = evaluation.Evaluator(validation_family or family, self.num_steps)
+        self._meta_step = tf.function(self._meta_step_impl, jit_compile=jit_compile)
+
+    # ---- the differentiable unroll ----
+    def unroll_loss(self, phi, params, extra, lstm_state, data, start_step):
+        """Meta-loss of one unroll from θ_s and the carry (θ_{s+K}, extra, state) for the next one."""
+        family, rule = self.family, self.rule
+        weights = self.loss_weights[start_step:start_step + self.unroll_length]
+        params, total = tuple(params), 0.0
+        for k in range(self.unroll_length):
+            loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start_step + k)
+            if k > 0:
+                total += weights[k - 1] * loss
+            if not self.second_derivatives:
+                grads = [tf.stop_gradient(g) for g in grads]
+            updates, lstm_state = rule.step(phi, grads, lstm_state)
+            params = tuple(p + u for p, u in zip(params, updates))
+        final_loss, _ = family.loss(params, extra, data, start_step + self.unroll_length)
+        total += weights[self.unroll_length - 1] * final_loss
+        return total, (params, extra, lstm_state)
+
+    def meta_gradient(self, phi, params, extra, lstm_state, data, start_step):
+        """(meta-loss, dL/dφ, carry) of one unroll."""
+        with tf.GradientTape() as tape:
+            tape.watch(phi)
+            loss, carry = self.unroll_loss(phi, params, extra, lstm_state, data, start_step)
+        return loss, tape.gradient(loss, phi), carry
+
+    def _meta_step_impl(self, params, extra, lstm_state, data, start_step):
+        loss, grad, carry = self.meta_gradient(tf.convert_to_tensor(self.phi), params, extra, lstm_state, data,
+                                               start_step)
+        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(grad)), tf.math.is_finite(loss))
+        # A non-finite meta-gradient is never applied: it would corrupt φ (and Adam's moments) for good.
+        def apply():
+            self.optimizer.apply_gradients([(grad, self.phi)])
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        return loss, finite, carry
+
+    # ---- epochs ----
+    def train_epoch(self):
+        """Meta-trains on one fresh problem; returns the mean meta-loss of its unrolls."""
+        problem = self.family.sample(seeds_for("train", 1, self.seed)[0] + self.epoch)
+        params, extra, data = problem.params, problem.extra, problem.data
+        lstm_state = self.rule.init_state(params)
+        losses = []
+        for start in range(0, self.num_steps, self.unroll_length):
+            loss, finite, (params, extra, lstm_state) = self._meta_step(
+                params, extra, lstm_state, data, tf.constant(start))
+            if not bool(finite):
+                self.skipped_steps += 1
+            losses.append(float(loss))
+        self.epoch += 1
+        return float(np.mean(losses))
+
+    def validate(self, seeds):
+        """Mean over the validation problems of the average loss over steps 1..T (the meta-objective)."""
+        losses = self.validation_evaluator.losses(baselines.learned(self.rule), {"phi": self.phi}, seeds)
+        value = float(np.mean(losses[:, 1:]))
+        return value if math.isfinite(value) else math.inf
+
+    def train(self, num_epochs, *, validation_every=100, num_validation_problems=20, checkpoint_dir=None,
+              checkpoint_every=None, logdir=None, patience=None, verbose=1):
+        """Meta-trains until `num_epochs` epochs in total have run (resuming from `checkpoint_dir` if it holds one).
+
+        Validates every `validation_every` epochs on fixed held-out problems and keeps the best φ in `best_phi`;
+        stops early after `patience` validations without improvement (None: never). Checkpoints (atomically) at
+        every validation and every `checkpoint_every` epochs. Returns `best_phi` as a float32 tensor.
+        """
+        validation_seeds = seeds_for("validation", num_validation_problems, self.seed)
+        if checkpoint_dir and os.path.exists(self.checkpoint_path(checkpoint_dir)):
+            self.restore(checkpoint_dir)
+        writer = tf.summary.create_file_writer(logdir) if logdir else None
+        progress = keras.utils.Progbar(num_epochs, verbose=verbose, stateful_metrics=["validation", "skipped"])
+        progress.update(self.epoch)
+        stale = 0
+        while self.epoch < num_epochs:
+            started = time.perf_counter()
+            meta_loss = self.train_epoch()
+            steps_per_sec = self.num_steps / (time.perf_counter() - started)
+            values = [("meta_loss", meta_loss), ("skipped", self.skipped_steps)]
+            scalars = {"meta_loss": meta_loss, "skipped_steps": self.skipped_steps, "steps_per_sec": steps_per_sec}
+            validated = self.epoch % validation_every == 0 or self.epoch == num_epochs
+            if validated:
+                validation = self.validate(validation_seeds)
+                self.history.append((self.epoch, validation))
+                if validation < self.best_validation:
+                    self.best_validation, self.best_phi, stale = validation, np.array(self.phi.numpy()), 0
+                else:
+                    stale += 1
+                scalars["validation_loss"] = validation
+                values.append(("validation", validation))
+            if writer:
+                with writer.as_default(step=self.epoch):
+                    for name, value in scalars.items():
+                        tf.summary.scalar(name, value)
+            progress.update(self.epoch, values)
+            if checkpoint_dir and (validated or (checkpoint_every and self.epoch % checkpoint_every == 0)):
+                self.save(checkpoint_dir)
+            if patience is not None and stale > patience:
+                if verbose:
+                    print(f"early stopping at epoch {self.epoch}: no improvement in {stale} validations")
+                break
+        if writer:
+            writer.flush()
+        return tf.constant(self.best_phi)
+
+    # ---- checkpoints ----
+    @staticmethod
+    def checkpoint_path(directory):
+        return os.path.join(directory, "meta_trainer.npz")
+
+    def save(self, directory):
+        """Writes the full training state to `directory/meta_trainer.npz` (temporary file, then rename)."""
+        os.makedirs(directory, exist_ok=True)
+        arrays = {f"adam_{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
+        arrays.update(phi=np.asarray(self.phi.numpy()), best_phi=self.best_phi,
+                      history=np.asarray(self.history, np.float64).reshape(-1, 2),
+                      state=json.dumps({"epoch": self.epoch, "skipped_steps": self.skipped_steps,
+                                        "best_validation": self.best_validation, "seed": self.seed,
+                                        "rule": self.rule.get_config(), "num_steps": self.num_steps,
+                                        "unroll_length": self.unroll_length}))
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, self.checkpoint_path(directory))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def restore(self, directory):
+        """Loads the state written by `save`; raises ValueError when it belongs to another configuration."""
+        with np.load(self.checkpoint_path(directory), allow_pickle=False) as data:
+            state = json.loads(str(data["state"]))
+            if state["rule"] != self.rule.get_config() or state["num_steps"] != self.num_steps \
+                    or state["unroll_length"] != self.unroll_length:
+                raise ValueError(f"checkpoint in {directory!r} was written by another configuration: {state}")
+            self.phi.assign(data["phi"])
+            for i, variable in enumerate(self.optimizer.variables):
+                variable.assign(data[f"adam_{i}"])
+            self.best_phi = np.array(data["best_phi"])
+            self.history = [tuple(row) for row in data["history"].tolist()]
+        self.epoch, self.skipped_steps = state["epoch"], state["skipped_steps"]
+        self.best_validation = state["best_validation"]
+
+    def export(self, path, **metadata):
+        """Writes the best φ in the `save_phi` format (what `LearnedOptimizer` and `from_pretrained` load)."""
+        save_phi(path, self.rule, tf.constant(self.best_phi), best_validation=self.best_validation,
+                 epochs=self.epoch, **metadata)

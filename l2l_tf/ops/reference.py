@@ -1,0 +1,54 @@
+"""Pure-TensorFlow statement of the coordinatewise LSTM step (the reference and the fallback).
+
+Same math, flat-φ layout and [S, N] state layout as csrc/lstm_step.h. Written with plain TF ops so that it
+differentiates (to φ, the state and the gradient input), runs eagerly, in `tf.function` and under XLA.
+"""
+import math
+
+import tensorflow as tf
+
+from l2l_tf.ops.config import StepConfig
+
+_FLT_EPSILON = float(2.0 ** -23)
+
+
+def preprocess(grad, config: StepConfig):
+    """Gradient features for the LSTM: a [D, N] tensor from a flat [N] gradient.
+
+    "none" → the raw gradient (D = 1). "paper" (Appendix A, parameter p): (log|g|/p, sgn g) when |g| ≥ e^{-p},
+    else (−1, e^p g). "clamped" (the authors' release LogAndSign, parameter k):
+    (max(log(|g| + ε)/k, −1), clip(g e^k, −1, 1)).
+    """
+    g = tf.convert_to_tensor(grad, tf.float32)
+    if config.preprocess == "none":
+        return g[None, :]
+    param = config.preprocess_param
+    abs_g = tf.abs(g)
+    if config.preprocess == "paper":
+        big = abs_g >= tf.constant(math.exp(-param), tf.float32)
+        # log of a safe value on the small branch so that its (unused) gradient stays finite.
+        log_feature = tf.where(big, tf.math.log(tf.where(big, abs_g, 1.0)) / param, -1.0)
+        sign_feature = tf.where(big, tf.sign(g), tf.constant(math.exp(param), tf.float32) * g)
+    else:  # "clamped"
+        log_feature = tf.maximum(tf.math.log(abs_g + _FLT_EPSILON) / param, -1.0)
+        sign_feature = tf.clip_by_value(g * tf.constant(math.exp(param), tf.float32), -1.0, 1.0)
+    return tf.stack([log_feature, sign_feature])
+
+
+def _lstm_cell(kernel, bias, inputs, cell, units):
+    gates = tf.matmul(kernel, inputs) + bias[:, None]
+    i, f, g, o = tf.split(gates, 4, axis=0)
+    new_cell = tf.sigmoid(f) * cell + tf.sigmoid(i) * tf.tanh(g)
+    return tf.sigmoid(o) * tf.tanh(new_cell), new_cell
+
+
+def lstm_step(phi, grad, state, scale, config: StepConfig):
+    """One step for N coordinates: phi [P], grad [N], state [S, N], scale scalar → (update [N], new state [S, N])."""
+    w1, b1, w2, b2, wo, bo = config.split_phi(phi)
+    h1_units, h2_units = config.hidden1, config.hidden2
+    h1, c1, h2, c2 = tf.split(state, [h1_units, h1_units, h2_units, h2_units], axis=0)
+    x = preprocess(grad, config)
+    h1, c1 = _lstm_cell(w1, b1, tf.concat([x, h1], 0), c1, h1_units)
+    h2, c2 = _lstm_cell(w2, b2, tf.concat([h1, h2], 0), c2, h2_units)
+    update = scale * (tf.linalg.matvec(h2, wo, transpose_a=True) + bo[0])
+    return update, tf.concat([h1, c1, h2, c2], axis=0)

@@ -1,0 +1,166 @@
+"""Problem families: what the learned optimizer is trained and evaluated on.
+
+A family draws problems from integer seeds. A problem is a `ProblemInstance`:
+  params  tuple of float tensors, the optimizee's initial θ_0 (what the optimizer updates);
+  extra   tuple of tensors carried from step to step but not optimized (e.g. batch-norm statistics); () if none;
+  data    a nest of tensors that defines this problem (the quadratic's W and y, a data set and a minibatch seed).
+The loss is a pure function `family.loss(params, extra, data, step) -> (loss, new_extra)`; `step` (an int32 scalar
+tensor) lets a problem draw the minibatch of that step, so that every optimizer evaluated on the same problem sees
+the same minibatches. Keeping the data in tensors (not in Python closures) lets one traced `tf.function` serve every
+problem of a family.
+"""
+import abc
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+
+class ProblemInstance(NamedTuple):
+    params: tuple
+    extra: tuple
+    data: Any
+
+
+class ProblemFamily(abc.ABC):
+    """A distribution over optimization problems that share one loss function and parameter shapes."""
+
+    @abc.abstractmethod
+    def sample(self, seed: int) -> ProblemInstance:
+        """The problem drawn from `seed` (the same seed always gives the same problem)."""
+
+    @abc.abstractmethod
+    def loss(self, params, extra, data, step):
+        """(scalar float32 loss of θ = params at this step, new extra)."""
+
+
+def seeds_for(split, count, base_seed=0):
+    """Disjoint integer seed ranges for "train", "validation" and "test" problems."""
+    offsets = {"train": 0, "validation": 1_000_000_007, "test": 2_000_000_014}
+    if split not in offsets:
+        raise ValueError(f"split must be one of {sorted(offsets)}, got {split!r}")
+    start = offsets[split] + 100_003 * int(base_seed)
+    return [start + i for i in range(count)]
+
+
+class QuadraticFamily(ProblemFamily):
+    """f(θ) = mean_b ‖W_b θ_b − y_b‖² over a batch of independent `num_dims`-dimensional least-squares problems.
+
+    Args:
+        batch_size: functions per problem (release: 128); each has its own W, y and θ.
+        num_dims: dimension d of θ_b (paper: 10).
+        distribution: "gaussian" (paper: W, y ~ N(0, 1)) or "uniform" (the authors' release: U[0, 1)).
+        init_stddev: θ_0 ~ N(0, init_stddev²) (0.01).
+    """
+
+    def __init__(self, batch_size=128, num_dims=10, distribution="gaussian", init_stddev=0.01):
+        if distribution not in ("gaussian", "uniform"):
+            raise ValueError(f"distribution must be 'gaussian' or 'uniform', got {distribution!r}")
+        if batch_size < 1 or num_dims < 1:
+            raise ValueError(f"batch_size and num_dims must be positive, got {batch_size}, {num_dims}")
+        self.batch_size, self.num_dims = int(batch_size), int(num_dims)
+        self.distribution, self.init_stddev = distribution, float(init_stddev)
+
+    def sample(self, seed):
+        rng = np.random.default_rng(seed)
+        shape_w, shape_y = (self.batch_size, self.num_dims, self.num_dims), (self.batch_size, self.num_dims)
+        if self.distribution == "gaussian":
+            w, y = rng.standard_normal(shape_w), rng.standard_normal(shape_y)
+        else:
+            w, y = rng.uniform(size=shape_w), rng.uniform(size=shape_y)
+        theta = rng.normal(0.0, self.init_stddev, shape_y)
+        as_tensor = lambda a: tf.constant(a, tf.float32)
+        return ProblemInstance((as_tensor(theta),), (), (as_tensor(w), as_tensor(y)))
+
+    def loss(self, params, extra, data, step):
+        (theta,), (w, y) = params, data
+        residual = tf.linalg.matvec(w, theta) - y
+        return tf.reduce_mean(tf.reduce_sum(tf.square(residual), axis=-1)), extra
+
+
+class KerasModelFamily(ProblemFamily):
+    """Turns a Keras model, a data set and a loss into a problem family (a new initialisation per seed).
+
+    The model is evaluated functionally with Keras 3 `stateless_call`: θ are its trainable variables' values and
+    `extra` its non-trainable ones (batch-norm moving statistics), carried from step to step in training mode.
+    Each step draws a minibatch of `batch_size` examples with replacement (as the authors' release does) from
+    the stateless RNG seeded by (problem seed, step), so every optimizer sees the same minibatches.
+
+    Args:
+        model_fn: `model_fn(seed) -> keras.Model`, a built model whose initial weights come from `seed`. It is
+            called once per sampled problem; the model from `model_fn(0)` serves as the template for evaluation.
+        data: a `tf.data.Dataset` of (x, y) pairs (unbatched, or batched: it is unbatched), or a tuple (x, y) of
+            arrays. It is read into memory once (at most `max_examples` examples).
+        loss_fn: a Keras loss (object, function or name such as "sparse_categorical_crossentropy") of (y, y_pred).
+        batch_size: minibatch size (paper: 128).
+        max_examples: cap on the examples read from `data` (None reads all).
+    """
+
+    def __init__(self, model_fn, data, loss_fn, batch_size=128, max_examples=None):
+        import keras
+
+        self.model_fn = model_fn
+        self.model = model_fn(0)
+        if not self.model.built:
+            raise ValueError("model_fn must return a built model (call it on an input or give an Input layer)")
+        self.loss_fn = keras.losses.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+        self.batch_size = int(batch_size)
+        self.x, self.y = _materialize(data, max_examples)
+        self.num_examples = int(self.x.shape[0])
+        if self.num_examples < 1:
+            raise ValueError("the data set is empty")
+
+    def sample(self, seed):
+        model = self.model_fn(seed)
+        params = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.trainable_variables)
+        extra = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.non_trainable_variables)
+        _check_same_structure(self.model, model)
+        minibatch_seed = tf.constant(np.random.default_rng(seed).integers(0, 2**31 - 1), tf.int32)
+        return ProblemInstance(params, extra, (self.x, self.y, minibatch_seed))
+
+    def minibatch(self, data, step):
+        x, y, minibatch_seed = data
+        index = tf.random.stateless_uniform([self.batch_size], seed=tf.stack([minibatch_seed, tf.cast(step, tf.int32)]),
+                                            maxval=tf.shape(x)[0], dtype=tf.int32)
+        return tf.gather(x, index), tf.gather(y, index)
+
+    def loss(self, params, extra, data, step):
+        x, y = self.minibatch(data, step)
+        y_pred, new_extra, losses = self.model.stateless_call(
+            list(params), list(extra), x, training=True, return_losses=True)
+        loss = tf.reduce_mean(self.loss_fn(y, y_pred))
+        if losses:
+            loss = loss + tf.add_n(losses)
+        return tf.cast(loss, tf.float32), tuple(new_extra)
+
+
+def _materialize(data, max_examples):
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if not (isinstance(spec, tuple) and len(spec) == 2):
+            raise ValueError(f"the data set must yield (x, y) pairs, got element spec {spec}")
+        if spec[0].shape.rank is not None and spec[0].shape.rank > 0 and spec[0].shape[0] is None:
+            data = data.unbatch()
+        if max_examples is not None:
+            data = data.take(max_examples)
+        xs, ys = [], []
+        for x, y in data.batch(4096):
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise ValueError("the data set is empty")
+        return tf.concat(xs, 0), tf.concat(ys, 0)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = (tf.convert_to_tensor(a) for a in data)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y hold different numbers of examples: {x.shape[0]} vs {y.shape[0]}")
+        if max_examples is not None:
+            x, y = x[:max_examples], y[:max_examples]
+        return x, y
+    raise TypeError(f"data must be a tf.data.Dataset of (x, y) or an (x, y) tuple, got {type(data).__name__}")
+
+
+def _check_same_structure(template, model):
+    shapes = lambda m: [tuple(v.shape) for v in m.variables]
+    if shapes(template) != shapes(model):
+        raise ValueError("model_fn(seed) must return models of the same architecture for every seed")

@@ -1,0 +1,147 @@
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from l2l_tf import LSTMUpdateRule
+from l2l_tf.meta_train import MetaTrainer
+from l2l_tf.problems import ProblemFamily, ProblemInstance, QuadraticFamily, seeds_for
+
+SMALL_RULE = LSTMUpdateRule(4, 3, "none", output_scale=0.1, implementation="reference")
+
+
+class LinearFamily(ProblemFamily):
+    """f(θ) = c·θ: its gradient does not depend on θ, so dropping second derivatives loses nothing."""
+
+    def sample(self, seed):
+        rng = np.random.default_rng(seed)
+        return ProblemInstance((tf.constant(rng.normal(size=5), tf.float32),), (),
+                               tf.constant(rng.normal(size=5), tf.float32))
+
+    def loss(self, params, extra, data, step):
+        return tf.reduce_sum(params[0] * data), extra
+
+
+class NaNFamily(QuadraticFamily):
+    """A quadratic whose loss turns NaN after step 4."""
+
+    def loss(self, params, extra, data, step):
+        loss, extra = super().loss(params, extra, data, step)
+        return tf.where(step > 4, tf.constant(np.nan, tf.float32), loss), extra
+
+
+def meta_gradient(trainer, phi, seed=0, steps=None):
+    problem = trainer.family.sample(seed)
+    loss, grad, _ = trainer.meta_gradient(phi, problem.params, problem.extra,
+                                          trainer.rule.init_state(problem.params), problem.data, tf.constant(0))
+    return loss, grad
+
+
+def unroll_loss(trainer, phi, seed=0):
+    problem = trainer.family.sample(seed)
+    return trainer.unroll_loss(phi, problem.params, problem.extra, trainer.rule.init_state(problem.params),
+                               problem.data, tf.constant(0))[0]
+
+
+def test_first_order_meta_gradient_matches_finite_differences():
+    trainer = MetaTrainer(SMALL_RULE, LinearFamily(), num_steps=4, unroll_length=4)
+    phi = tf.constant(np.random.default_rng(0).normal(0, 0.5, SMALL_RULE.num_params), tf.float32)
+    _, grad = meta_gradient(trainer, phi)
+    direction = np.random.default_rng(1).normal(size=SMALL_RULE.num_params).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    eps = 1e-2
+    fd = (unroll_loss(trainer, phi + eps * direction) - unroll_loss(trainer, phi - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(float(tf.reduce_sum(grad * direction)), float(fd), rtol=2e-3, atol=1e-5)
+
+
+def test_second_derivatives_change_the_meta_gradient_only_where_they_exist():
+    phi = tf.constant(np.random.default_rng(2).normal(0, 0.5, SMALL_RULE.num_params), tf.float32)
+    for family, should_differ in ((QuadraticFamily(batch_size=4, num_dims=3), True), (LinearFamily(), False)):
+        grads = [meta_gradient(MetaTrainer(SMALL_RULE, family, num_steps=5, unroll_length=5,
+                                           second_derivatives=second), phi)[1].numpy()
+                 for second in (False, True)]
+        differ = not np.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+        assert differ == should_differ, family
+
+
+def test_meta_loss_weights_and_unroll_count():
+    family = QuadraticFamily(batch_size=4, num_dims=3)
+    rule = SMALL_RULE.replace(output_scale=0.0)  # θ never moves: every f(θ_t) equals f(θ_0)
+    f0 = float(family.loss(family.sample(0).params, (), family.sample(0).data, 0)[0])
+    weights = np.arange(1, 11, dtype=np.float32)
+    trainer = MetaTrainer(rule, family, num_steps=10, unroll_length=5, loss_weights=weights)
+    loss = unroll_loss(trainer, rule.init_phi())
+    np.testing.assert_allclose(float(loss), f0 * weights[:5].sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="divide"):
+        MetaTrainer(rule, family, num_steps=10, unroll_length=3)
+
+
+def test_non_finite_meta_gradient_is_skipped_and_counted():
+    trainer = MetaTrainer(SMALL_RULE, NaNFamily(batch_size=4, num_dims=3), num_steps=8, unroll_length=4)
+    before = trainer.phi.numpy().copy()
+    trainer.train_epoch()
+    assert trainer.skipped_steps == 1                       # second unroll (steps 4..8) is NaN
+    assert np.all(np.isfinite(trainer.phi.numpy()))
+    assert not np.array_equal(before, trainer.phi.numpy())  # the first (finite) unroll was applied
+
+
+def test_meta_training_learns_quadratics():
+    family = QuadraticFamily(batch_size=32, num_dims=10)
+    rule = LSTMUpdateRule(preprocess="none", output_scale=1.0, implementation="reference")
+    trainer = MetaTrainer(rule, family, num_steps=40, unroll_length=20, learning_rate=3e-3, seed=1)
+    seeds = seeds_for("validation", 5, 1)
+    initial = trainer.validate(seeds)
+    trainer.train(150, validation_every=50, verbose=0)
+    assert trainer.best_validation < 0.5 * initial, (initial, trainer.history)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    family = QuadraticFamily(batch_size=4, num_dims=3)
+    kwargs = dict(num_steps=10, unroll_length=5, seed=3)
+    straight = MetaTrainer(SMALL_RULE, family, **kwargs)
+    straight.train(6, validation_every=3, num_validation_problems=2, verbose=0)
+
+    first = MetaTrainer(SMALL_RULE, family, **kwargs)
+    first.train(3, validation_every=3, num_validation_problems=2, checkpoint_dir=str(tmp_path), verbose=0)
+    resumed = MetaTrainer(SMALL_RULE, family, **kwargs)  # a new process would start like this
+    resumed.train(6, validation_every=3, num_validation_problems=2, checkpoint_dir=str(tmp_path), verbose=0)
+    assert resumed.epoch == 6
+    np.testing.assert_allclose(resumed.phi.numpy(), straight.phi.numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(resumed.best_phi, straight.best_phi, rtol=1e-6, atol=1e-8)
+
+    other = MetaTrainer(SMALL_RULE.replace(hidden1=5), family, **kwargs)
+    with pytest.raises(ValueError, match="another configuration"):
+        other.restore(str(tmp_path))
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    trainer = MetaTrainer(SMALL_RULE, QuadraticFamily(batch_size=4, num_dims=3), num_steps=5, unroll_length=5)
+    trainer.train(1, validation_every=1, num_validation_problems=1, checkpoint_dir=str(tmp_path), verbose=0)
+    saved = open(MetaTrainer.checkpoint_path(str(tmp_path)), "rb").read()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", killed)
+    trainer.train_epoch()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(str(tmp_path))
+    assert open(MetaTrainer.checkpoint_path(str(tmp_path)), "rb").read() == saved
+    assert os.listdir(tmp_path) == ["meta_trainer.npz"]  # no temporary file left behind
+
+
+def test_tensorboard_scalars_and_export(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = MetaTrainer(SMALL_RULE, QuadraticFamily(batch_size=4, num_dims=3), num_steps=5, unroll_length=5)
+    trainer.train(2, validation_every=1, num_validation_problems=1, logdir=str(tmp_path / "tb"), verbose=0)
+    events = EventAccumulator(glob.glob(str(tmp_path / "tb" / "events.*"))[0])
+    events.Reload()
+    tags = set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
+    assert {"meta_loss", "validation_loss", "skipped_steps", "steps_per_sec"} <= tags
+    from l2l_tf import load_phi
+    trainer.export(str(tmp_path / "phi.npz"))
+    rule, phi, metadata = load_phi(str(tmp_path / "phi.npz"))
+    assert rule == SMALL_RULE and metadata["epochs"] == 2
+    np.testing.assert_array_equal(phi.numpy(), trainer.best_phi)
