@@ -1,0 +1,79 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from l2l_tf.problems import KerasModelFamily, QuadraticFamily, seeds_for
+
+
+def test_quadratic_sampling_and_loss_by_hand():
+    family = QuadraticFamily(batch_size=3, num_dims=4)
+    a, b = family.sample(5), family.sample(5)
+    np.testing.assert_array_equal(a.data[0].numpy(), b.data[0].numpy())
+    assert not np.array_equal(a.data[0].numpy(), family.sample(6).data[0].numpy())
+    theta = a.params[0].numpy()
+    assert theta.shape == (3, 4) and 0.001 < theta.std() < 0.05          # θ_0 ~ N(0, 0.01²)
+    w, y = (t.numpy() for t in a.data)
+    expected = np.mean([np.sum((w[i] @ theta[i] - y[i]) ** 2) for i in range(3)])
+    np.testing.assert_allclose(float(family.loss(a.params, (), a.data, 0)[0]), expected, rtol=1e-5)
+    uniform = QuadraticFamily(distribution="uniform").sample(0).data[0].numpy()
+    assert uniform.min() >= 0 and uniform.max() < 1
+    with pytest.raises(ValueError, match="distribution"):
+        QuadraticFamily(distribution="cauchy")
+
+
+def test_seed_splits_are_disjoint():
+    splits = [set(seeds_for(s, 1000)) for s in ("train", "validation", "test")]
+    assert not (splits[0] & splits[1]) and not (splits[1] & splits[2]) and not (splits[0] & splits[2])
+
+
+def mlp(seed, batch_norm=False):
+    init = keras.initializers.RandomNormal(stddev=0.5, seed=seed)
+    layers = [keras.Input((6,)), keras.layers.Dense(5, activation="sigmoid", kernel_initializer=init)]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization(momentum=0.5))
+    layers.append(keras.layers.Dense(3, kernel_initializer=init, kernel_regularizer=keras.regularizers.L2(0.01)))
+    return keras.Sequential(layers)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_keras_adapter_matches_the_model_evaluated_the_ordinary_way(batch_norm):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    family = KerasModelFamily(lambda s: mlp(s, batch_norm), tf.data.Dataset.from_tensor_slices((x, y)), loss_fn,
+                              batch_size=8)
+    problem = family.sample(11)
+    reference = mlp(11, batch_norm)  # same seed → same initial weights
+    for v, p in zip(reference.trainable_variables, problem.params):
+        np.testing.assert_array_equal(v.numpy(), p.numpy())
+    extra = problem.extra
+    for step in range(3):
+        xb, yb = family.minibatch(problem.data, tf.constant(step))
+        loss, extra = family.loss(problem.params, extra, problem.data, tf.constant(step))
+        expected = loss_fn(yb, reference(xb, training=True)) + tf.add_n(reference.losses)
+        np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+        for v, e in zip(reference.non_trainable_variables, extra):  # batch-norm statistics carried along
+            np.testing.assert_allclose(v.numpy(), e.numpy(), rtol=1e-5, atol=1e-7)
+    if batch_norm:
+        assert not np.allclose(extra[0].numpy(), problem.extra[0].numpy())
+    # minibatches: reproducible per (problem, step), different across steps
+    a, _ = family.minibatch(problem.data, tf.constant(1))
+    b, _ = family.minibatch(problem.data, tf.constant(1))
+    c, _ = family.minibatch(problem.data, tf.constant(2))
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.array_equal(a.numpy(), c.numpy())
+
+
+def test_keras_adapter_inputs():
+    x, y = np.zeros((10, 6), np.float32), np.zeros(10, np.int64)
+    batched = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    family = KerasModelFamily(mlp, batched, "sparse_categorical_crossentropy", max_examples=7)
+    assert family.num_examples == 7
+    assert KerasModelFamily(mlp, (x, y), "mse").num_examples == 10
+    with pytest.raises(ValueError, match="different numbers"):
+        KerasModelFamily(mlp, (x, y[:3]), "mse")
+    with pytest.raises(TypeError, match="tf.data.Dataset"):
+        KerasModelFamily(mlp, x, "mse")
+    with pytest.raises(ValueError, match="empty"):
+        KerasModelFamily(mlp, tf.data.Dataset.from_tensor_slices((x[:0], y[:0])), "mse")
