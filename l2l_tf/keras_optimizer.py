@@ -37,20 +37,6 @@ def available_pretrained():
     return sorted(p.stem for p in directory.glob("*.npz") if p.is_file())
 
 
-def _inside_xla_compilation():
-    """True while tracing a function that XLA will compile (`jit_compile=True`, Keras' `jit_compile`)."""
-    try:
-        if ops.fused.inside_xla_compilation():
-            return True
-    except Exception:  # the ops layer's check is optional here; fall through to TF's own
-        pass
-    try:
-        from tensorflow.python.ops import control_flow_util
-        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-    except Exception:
-        return False
-
-
 def _read_phi_file(path):
     """load_phi with every failure mode mapped to FileNotFoundError (missing) or ValueError (unusable)."""
     path = os.fspath(path)
@@ -169,7 +155,6 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
 
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self._rule = rule
-        self._reference_rule = rule.replace(implementation="reference")
         self.state_dtype = state_dtype
         self.phi_seed = phi_seed
         self.phi_metadata = phi_metadata
@@ -292,27 +277,16 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         slot = self._states[self._get_variable_index(variable)]
         lr = tf.cast(learning_rate, tf.float32)
         phi = tf.convert_to_tensor(self._phi.value)
-        rule = self._rule_for_context()
+        # The ops layer picks the step's implementation: under XLA (jit_compile) "auto" runs the pure-TF step.
+        rule = self._rule
         if isinstance(gradient, tf.IndexedSlices):
-            self._sparse_update(gradient, variable, slot, lr, phi, rule, dense=_inside_xla_compilation())
+            self._sparse_update(gradient, variable, slot, lr, phi, rule, dense=ops.fused.inside_xla_compilation())
             return
         state = tf.cast(slot.value, tf.float32)
         grad = tf.cast(gradient, tf.float32)
         (update,), new_state = rule.step(phi, [grad], LSTMOptimizerState((state,)))
         self.assign(slot, tf.cast(new_state.lstm[0], slot.dtype))
         self.assign_add(variable, tf.cast(lr * update, variable.dtype))
-
-    def _rule_for_context(self):
-        """The rule to run now: custom ops have no XLA kernel, so "auto" means the reference under XLA."""
-        implementation = self._rule.implementation
-        if implementation == "reference" or not _inside_xla_compilation():
-            return self._rule
-        if implementation == "fused":
-            raise RuntimeError(
-                "LearnedOptimizer(implementation='fused') cannot run inside an XLA compilation "
-                "(jit_compile=True): the custom op has no XLA kernel. Use implementation='auto' or 'reference', "
-                "or compile the model with jit_compile=False.")
-        return self._reference_rule
 
     def _sparse_update(self, gradient, variable, slot, lr, phi, rule, dense):
         """An LSTM step for the touched rows only (duplicate indices summed first)."""

@@ -240,7 +240,6 @@ def test_auto_implementation_uses_the_reference_under_xla(monkeypatch):
 
     monkeypatch.setattr(fused, "available", lambda: True)
     monkeypatch.setattr(fused, "lstm_step", fake_fused)
-    monkeypatch.setattr(fused, "inside_xla_compilation", lambda: False)  # worst case: the op layer can't tell
     phi = random_phi(small_rule(), 7)
     g = tf.constant([0.5, -0.1, 1e-3])
 
