@@ -8,7 +8,6 @@ the LSTM state carry over to the next unroll without gradient across the boundar
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ import tensorflow as tf
 import keras
 
 from l2l_tf import baselines, evaluation
+from l2l_tf.io import atomic_write
 from l2l_tf.problems import seeds_for
 from l2l_tf.update_rule import LSTMUpdateRule, save_phi
 
@@ -184,15 +184,7 @@ class MetaTrainer:
                                         "best_validation": self.best_validation, "seed": self.seed,
                                         "rule": self.rule.get_config(), "num_steps": self.num_steps,
                                         "unroll_length": self.unroll_length}))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, self.checkpoint_path(directory))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(self.checkpoint_path(directory), lambda f: np.savez(f, **arrays))
 
     def restore(self, directory):
         """Loads the state written by `save`; raises ValueError when it belongs to another configuration."""

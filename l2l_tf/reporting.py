@@ -1,29 +1,14 @@
 """Outputs shared by the experiment binaries: results.json, the paper-style figure, TensorBoard curves."""
 import json
-import os
-import tempfile
 
 import numpy as np
+
+from l2l_tf.io import atomic_write
 
 # One colour per optimizer, the same in every figure.
 COLORS = {"lstm": "tab:red", "sgd": "tab:green", "momentum": "tab:olive", "nag": "tab:blue",
           "rmsprop": "tab:purple", "adam": "tab:orange"}
 LABELS = {"lstm": "LSTM", "sgd": "SGD", "momentum": "Momentum", "nag": "NAG", "rmsprop": "RMSprop", "adam": "ADAM"}
-
-
-def atomic_write(path, write):
-    """Calls `write(file)` on a temporary file beside `path`, then renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_json(path, obj):

@@ -6,13 +6,17 @@ state holds one [S, n] tensor per parameter tensor, so no two tensors ever share
 same whether it serves meta-training (differentiable in φ and the state) or the Keras optimizer.
 """
 import dataclasses
+import json
 import math
+import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from l2l_tf import ops
+from l2l_tf.io import atomic_write
 
 
 class LSTMOptimizerState(NamedTuple):
@@ -132,23 +136,9 @@ def _num_elements(tensor):
 
 def save_phi(path, rule, phi, **metadata):
     """Writes φ and the rule's configuration to an .npz file (write to a temporary file, then rename)."""
-    import json
-    import os
-    import tempfile
-
     rule.check_phi(phi)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, phi=np.asarray(phi, np.float32),
-                     config=json.dumps(rule.get_config()), metadata=json.dumps(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, phi=np.asarray(phi, np.float32), config=json.dumps(rule.get_config()),
+                                          metadata=json.dumps(metadata)))
 
 
 def load_phi(path):
@@ -156,10 +146,6 @@ def load_phi(path):
 
     Raises FileNotFoundError for a missing file and ValueError naming what is wrong for a bad one.
     """
-    import json
-    import os
-    import zipfile
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"no φ file at {path!r}")
     try:
