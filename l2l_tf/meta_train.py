@@ -118,9 +118,10 @@ class MetaTrainer:
         return float(np.mean(losses))
 
     def validate(self, seeds):
-        """Mean over the validation problems of the average loss over steps 1..T (the meta-objective)."""
+        """The meta-objective on the validation problems: mean over problems of Σ_t w_t f(θ_t) / Σ_t w_t, t = 1..T."""
         losses = self.validation_evaluator.losses(baselines.learned(self.rule), {"phi": self.phi}, seeds)
-        value = float(np.mean(losses[:, 1:]))
+        weights = self.loss_weights.numpy().astype(np.float64)
+        value = float(np.mean(losses[:, 1:] @ weights) / weights.sum())
         return value if math.isfinite(value) else math.inf
 
     def train(self, num_epochs, *, validation_every=100, num_validation_problems=20, checkpoint_dir=None,

