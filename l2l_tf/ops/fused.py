@@ -1,17 +1,155 @@
-"""Placeholder until the op library is wired in (issue 3)."""
+"""The fused custom op (csrc/tf_op.cc) behind the `lstm_step` switch.
+
+The op library `l2l_tf/_lstm_step_ops.so` is built by `pip install -e .` (setup.py). It is loaded lazily, once;
+when it is missing or does not load, `available()` is False, `load_error()` says why, and one log line per process
+says that the pure-TF reference is used instead.
+"""
+import logging
+import math
+import os
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from l2l_tf.ops.config import StepConfig
+
+_LIBRARY_NAME = "_lstm_step_ops.so"
+_logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_loaded = False
+_module = None
+_error = None
+
+
+def library_path():
+    """Where the op library is expected: next to the `l2l_tf` package's __init__ (l2l_tf/_lstm_step_ops.so)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), _LIBRARY_NAME)
+
+
+def _load():
+    global _loaded, _module, _error
+    if _loaded:
+        return _module
+    with _lock:
+        if _loaded:
+            return _module
+        path = library_path()
+        if not os.path.exists(path):
+            _error = f"{path} is not built (run `pip install -e .` in the repository)"
+        else:
+            try:
+                _module = tf.load_op_library(path)
+            except Exception as e:  # tf.errors.NotFoundError (undefined symbol, ABI), OSError, ...
+                _module = None
+                _error = f"{path} failed to load: {type(e).__name__}: {e}".strip()
+        if _module is None:
+            _logger.warning("l2l_tf: fused LSTM-step op unavailable, using the pure-TensorFlow implementation (%s)",
+                            _error)
+        _loaded = True
+    return _module
 
 
 def available():
-    return False
+    """True when the op library loaded (loads it on the first call)."""
+    return _load() is not None
 
 
 def load_error():
-    return "the op library is not built"
+    """Why the op library is unavailable (None when it loaded)."""
+    _load()
+    return _error
 
 
 def inside_xla_compilation():
-    return False
+    """True while tracing code that XLA will compile: inside `tf.function(jit_compile=True)` (also in functions
+    nested in one) and so inside a Keras train step of a model compiled with `jit_compile=True`.
+
+    TF enters an XLA control-flow context while tracing a jit-compiled function; TF's own ops use
+    `control_flow_util.GraphOrParentsInXlaContext` to detect it, walking the default graph and its outer graphs.
+    """
+    if tf.executing_eagerly():
+        return False
+    graph = tf.compat.v1.get_default_graph()
+    try:
+        from tensorflow.python.ops import control_flow_util
+        return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved: same walk by hand
+        while graph is not None:
+            ctx = getattr(graph, "_get_control_flow_context", lambda: None)()
+            while ctx is not None:
+                if getattr(ctx, "IsXLAContext", lambda: False)():
+                    return True
+                ctx = getattr(ctx, "outer_context", None)
+            graph = getattr(graph, "outer_graph", None)
+        return False
 
 
-def lstm_step(phi, grad, state, scale, config):
-    raise RuntimeError(load_error())
+def _as_float32(value, name, rank):
+    """float32 tensor of the given rank; TypeError for other dtypes (no silent casts of tensors or arrays)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        dtype = tf.as_dtype(dtype)
+        if dtype != tf.float32:
+            raise TypeError(f"lstm_step (fused): {name} must be float32, got {dtype.name}"
+                            + (" (the state dtype is float32; cast with tf.cast)" if name == "state" else ""))
+        tensor = tf.convert_to_tensor(value)
+    else:
+        try:
+            tensor = tf.convert_to_tensor(value, tf.float32)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"lstm_step (fused): {name} must be convertible to float32: {e}") from None
+    if tensor.shape.rank is not None and tensor.shape.rank != rank:
+        raise ValueError(f"lstm_step (fused): {name} must have rank {rank}, got shape {tensor.shape}")
+    return tensor
+
+
+def lstm_step(phi, grad, state, scale, config: StepConfig):
+    """One step with the fused op: phi [P], grad [N], state [S, N] (float32), scale scalar → (update, new_state)."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
+    phi = _as_float32(phi, "phi", 1)
+    grad = _as_float32(grad, "grad", 1)
+    state = _as_float32(state, "state", 2)
+    if isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool):
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"lstm_step (fused): scale must be finite, got {scale!r}")
+        scale = tf.constant(float(scale), tf.float32)
+    else:
+        scale = _as_float32(scale, "scale", 0)
+    p = phi.shape[0]
+    if p is not None and p != config.num_params:
+        raise ValueError(f"lstm_step (fused): phi must have {config.num_params} elements for {config}, got {p}")
+    s, n_state = state.shape[0], state.shape[1]
+    if s is not None and s != config.state_rows:
+        raise ValueError(f"lstm_step (fused): state must have {config.state_rows} rows (2*(hidden1+hidden2)), "
+                         f"got shape {state.shape}")
+    n = grad.shape[0]
+    if n is not None and n_state is not None and n != n_state:
+        raise ValueError(f"lstm_step (fused): grad [N] and state [S, N] disagree on N: {grad.shape} vs {state.shape}")
+    return module.l2l_lstm_step(phi, grad, state, scale, hidden1=config.hidden1, hidden2=config.hidden2,
+                                preprocess=config.preprocess, preprocess_param=config.preprocess_param)
+
+
+def _lstm_step_grad(op, d_update, d_new_state):
+    module = _load()
+    if module is None:  # only reachable if an op was built from another copy of the library
+        raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
+    phi, grad, state, scale = op.inputs
+    if d_update is None:
+        d_update = tf.zeros_like(grad)
+    if d_new_state is None:
+        d_new_state = tf.zeros_like(state)
+    d_phi, d_grad, d_state = module.l2l_lstm_step_grad(
+        phi, grad, state, scale, d_update, d_new_state, hidden1=op.get_attr("hidden1"),
+        hidden2=op.get_attr("hidden2"), preprocess=op.get_attr("preprocess"),
+        preprocess_param=op.get_attr("preprocess_param"))
+    return [d_phi, d_grad, d_state, None]  # no gradient to scale
+
+
+try:
+    tf.RegisterGradient("L2lLstmStep")(_lstm_step_grad)
+except KeyError:  # already registered (module reloaded)
+    pass

@@ -1,0 +1,879 @@
+// CPU kernels of the coordinatewise LSTM step (contract: lstm_step.h). No TensorFlow, no pybind11.
+//
+// Layout of the work. Coordinates are processed in chunks of kChunk (256) consecutive coordinates. For a
+// chunk, the rows of the state it needs as GEMM inputs (h1, h2) are copied once into small contiguous local
+// buffers ([rows][kLd], coordinates innermost; the [S, N] state rows are N floats apart in memory and would
+// alias in the L1 cache), the preprocessed gradient features are written next to them, and then each
+// sub-block of kSub coordinates (4 SIMD vectors with AVX-512: 64 coordinates) runs the gate products of a layer
+// as a register-tiled GEMM: for each LSTM unit j, its 4 gates (i, f, g, o) x 4 coordinate vectors are 16
+// accumulators, the packed weights W[{i,f,g,o} j][k] are broadcast, the inputs are vector loads; the gates go to
+// a small [unit][gate][coordinate] buffer (in L1). The pointwise LSTM math of unit j then reads its 4 gate rows
+// and c[j], and writes h'[j], c'[j] straight to the output rows: every state element is read once and written
+// once.
+//
+// Vector code: GCC vector extensions (portable; lowered to AVX-512, AVX2 or SSE by the -m flags the file is
+// compiled with; setup.py uses -march=native unless L2L_TF_MARCH says otherwise) plus a few intrinsics where the
+// ISA has something better (fma, rcp14, scalef, streaming stores). Transcendentals are our own branch-free fp32
+// versions, a few ulp from the exact values (max relative error < 5e-7):
+//   exp(-x): Cephes-style range reduction (n = round(-x / ln 2), two-part ln 2) + degree-5 minimax polynomial,
+//     x clamped to [-80, 80] (sigmoid then is within 2e-35 of the exact value outside);
+//   sigmoid(x) = 1 / (1 + exp(-x));
+//   tanh: the [9/8] odd/even rational minimax approximation also used by Eigen (so by TensorFlow's own CPU
+//     tanh), clamped where it evaluates to +-1;
+//   in the forward pass sigmoid(a) * tanh(b) is formed as p_b / ((1 + exp(-a)) q_b): one reciprocal, not two;
+//   log (preprocessing only, once per coordinate): the FreeBSD/musl logf reduction and polynomial, with
+//     subnormal inputs rescaled first.
+// Reciprocals use rcp14 + one Newton step (~1 ulp) on AVX-512, a division elsewhere.
+//
+// Memory: the rows of a chunk lie N floats apart (80 rows of state), more streams than the hardware prefetchers
+// follow, so the next chunk is prefetched into L2 from the compute loops of the current one; outputs whose rows
+// are 64-byte aligned (N % 16 == 0 and aligned base pointers, as TF allocates) are written with streaming
+// stores (no read-for-ownership), others with ordinary stores after a prefetch for writing.
+//
+// Backward: nothing is saved by the forward pass; the backward recomputes the forward activations of a chunk
+// from (grad, state) into local buffers, then runs the chain rule. The step is memory-bound on the GPU and the
+// recomputation costs arithmetic only (one extra forward GEMM), while saving the 5 x 40 activations per
+// coordinate would more than double the memory traffic of both passes.
+//
+// Aliasing: new_state may be the same buffer as state, update the same as grad (forward), and d_state the
+// same as d_new_state, d_grad the same as d_update (backward): within a chunk every element is read before
+// the element at the same position is written. The TF op uses this to forward its input buffers.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "lstm_step.h"
+
+#if defined(__SSE2__)
+// GCC 12 warns about the deliberately undefined pass-through operand inside the AVX-512 min/max intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+namespace l2l {
+
+const char* validate_config(const StepConfig& cfg) {
+  if (cfg.hidden1 < 1 || cfg.hidden1 > 4096) return "hidden1 must be in [1, 4096]";
+  if (cfg.hidden2 < 1 || cfg.hidden2 > 4096) return "hidden2 must be in [1, 4096]";
+  if (cfg.preprocess != Preprocess::kNone && cfg.preprocess != Preprocess::kPaper &&
+      cfg.preprocess != Preprocess::kClamped) {
+    return "preprocess must be kNone (0), kPaper (1) or kClamped (2)";
+  }
+  if (cfg.preprocess != Preprocess::kNone &&
+      !(std::isfinite(cfg.preprocess_param) && cfg.preprocess_param > 0.0f)) {
+    return "preprocess_param must be finite and > 0 for the 'paper' and 'clamped' preprocessing";
+  }
+  return nullptr;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// SIMD layer.
+#if defined(__AVX512F__)
+#define L2L_VW 16
+#elif defined(__AVX__)
+#define L2L_VW 8
+#else
+#define L2L_VW 4
+#endif
+constexpr int kW = L2L_VW;  // floats per vector
+
+typedef float vf __attribute__((vector_size(4 * L2L_VW), may_alias));
+typedef int32_t vi __attribute__((vector_size(4 * L2L_VW), may_alias));
+typedef uint32_t vu __attribute__((vector_size(4 * L2L_VW), may_alias));
+typedef float vfu __attribute__((vector_size(4 * L2L_VW), aligned(4), may_alias));
+
+#define L2L_INLINE inline __attribute__((always_inline))
+
+L2L_INLINE vf splat(float x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(x);
+#elif L2L_VW == 8
+  return _mm256_set1_ps(x);
+#elif defined(__SSE2__)
+  return _mm_set1_ps(x);
+#else
+  return x - vf{};  // exact for every x (unlike 0 + x for x = -0), so it folds to a broadcast
+#endif
+}
+L2L_INLINE vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+L2L_INLINE vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+L2L_INLINE void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+L2L_INLINE void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+// Non-temporal store of a full vector to a 64-byte aligned address (a whole cache line with AVX-512): the
+// outputs are written once and not read back here, so they bypass the caches and skip the read-for-ownership.
+L2L_INLINE void stream(float* p, vf v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, v);
+#elif L2L_VW == 8
+  _mm256_stream_ps(p, v);
+#elif defined(__SSE2__)
+  _mm_stream_ps(p, v);
+#else
+  storeu(p, v);
+#endif
+}
+L2L_INLINE void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+L2L_INLINE vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__) && L2L_VW == 8
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// min/max returning the second operand when either is NaN (the x86 semantics): pass the data second so that
+// NaN propagates.
+L2L_INLINE vf vmin(vf a, vf b) {
+#if defined(__AVX512F__)
+  return _mm512_min_ps(a, b);
+#elif L2L_VW == 8
+  return _mm256_min_ps(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+L2L_INLINE vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return _mm512_max_ps(a, b);
+#elif L2L_VW == 8
+  return _mm256_max_ps(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+L2L_INLINE vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+L2L_INLINE vf vsign(vf x) {  // -1, 0, +1 (0 for +-0), NaN for NaN
+  vf s = (vf)(((vi)x & int32_t(0x80000000)) | 0x3f800000);
+  s = x == 0.0f ? splat(0.0f) : s;
+  return x != x ? x : s;
+}
+
+// 1/d for finite, positive, normal d (all our uses).
+L2L_INLINE vf rcp(vf d) {
+#if defined(__AVX512F__)
+  vf r = _mm512_rcp14_ps(d);
+  return vfma(r, vfma(-d, r, splat(1.0f)), r);
+#else
+  return splat(1.0f) / d;
+#endif
+}
+
+// exp(-x) for x clamped to [-80, 80]: 2^n e^r with n = round(-x / ln 2), r = -x - n ln 2 (ln 2 in two parts,
+// n * hi exact), e^r by a degree-5 minimax polynomial (Eigen's coefficients; ~2 ulp). We evaluate in
+// r' = -r = x + n ln 2, so the odd coefficients carry the sign.
+L2L_INLINE vf exp_neg(vf x) {
+  x = vmax(splat(-80.0f), vmin(splat(80.0f), x));  // NaN propagates
+  const vf magic = splat(12582912.0f);               // 1.5 * 2^23: adding it rounds to an integer
+  vf t = vfma(x, splat(-1.44269504088896341f), magic);
+  vf n = t - magic;
+  vf rn = vfma(n, splat(0.693145751953125f), x);
+  rn = vfma(n, splat(1.428606765330187045e-06f), rn);  // rn = -r
+  vf r2 = rn * rn;
+  vf pe = vfma(r2, splat(4.1898667812347412109375e-2f), splat(0.49999141693115234375f));
+  vf po = vfma(r2, splat(-8.33471305668354034423828125e-3f), splat(-0.16666877269744873046875f));
+  vf p = vfma(rn, po, pe);
+  p = vfma(r2, p, splat(1.0f) - rn);
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(p, n);
+#else
+  // The low bits of t hold n: shift them into the exponent field (p * 2^n stays normal in this range).
+  return (vf)((vu)p + ((vu)t << 23));
+#endif
+}
+
+L2L_INLINE vf sigmoid(vf x) { return rcp(splat(1.0f) + exp_neg(x)); }
+
+// tanh(x) = p / q: rational minimax approximation (numerator odd degree 9, denominator even degree 8),
+// coefficients from Eigen's ptanh_float (rminimax), so the same as TensorFlow's own CPU tanh; the clamp is
+// where it evaluates to exactly +-1. q is in [1, 240].
+L2L_INLINE void tanh_pq(vf x, vf* p_out, vf* q_out) {
+  const float c = 8.01773357391357422f;
+  x = vmax(splat(-c), vmin(splat(c), x));
+  vf x2 = x * x;
+  vf p = vfma(splat(1.394553628e-8f), x2, splat(2.102733560e-5f));
+  p = vfma(p, x2, splat(3.520756727e-3f));
+  p = vfma(p, x2, splat(1.340216100e-1f));
+  *p_out = vfma(x2 * x, p, x);
+  vf q = vfma(splat(8.015776984e-7f), x2, splat(3.326951409e-4f));
+  q = vfma(q, x2, splat(2.597254514e-2f));
+  q = vfma(q, x2, splat(4.673548340e-1f));
+  *q_out = vfma(q, x2, splat(1.0f));
+}
+
+L2L_INLINE vf tanh_(vf x) {
+  vf p, q;
+  tanh_pq(x, &p, &q);
+  return p * rcp(q);
+}
+
+// sigmoid(a) * tanh(b) with one reciprocal: p_b / ((1 + exp(-a)) q_b) (at most ~1e35 * 240: no overflow).
+L2L_INLINE vf sigmoid_times_tanh(vf a, vf b) {
+  vf p, q;
+  tanh_pq(b, &p, &q);
+  return p * rcp((splat(1.0f) + exp_neg(a)) * q);
+}
+
+// Natural log for x >= 0 (or NaN); log(0) = -inf, log(inf) = inf.
+L2L_INLINE vf log_(vf x) {
+  vi sub = x < splat(FLT_MIN);
+  vf xs = sub ? x * splat(8388608.0f) : x;  // subnormals: scale by 2^23
+  vu ix = (vu)xs + (0x3f800000u - 0x3f3504f3u);
+  vi k = (vi)(ix >> 23) - 0x7f + (sub & -23);
+  ix = (ix & 0x007fffffu) + 0x3f3504f3u;
+  vf f = (vf)ix - splat(1.0f);  // in [sqrt(1/2) - 1, sqrt(2) - 1]
+  vf s = f / (splat(2.0f) + f);
+  vf z = s * s;
+  vf w = z * z;
+  vf t1 = w * vfma(w, splat(0.24279078841f), splat(0.40000972152f));
+  vf t2 = z * vfma(w, splat(0.28498786688f), splat(0.66666662693f));
+  vf hfsq = splat(0.5f) * f * f;
+  vf dk = __builtin_convertvector(k, vf);
+  vf r = s * (hfsq + (t2 + t1)) + dk * splat(9.0580006145e-06f) - hfsq + f + dk * splat(6.9313812256e-01f);
+  r = x == 0.0f ? splat(-INFINITY) : r;
+  r = x == splat(INFINITY) ? x : r;
+  return x != x ? x : r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tiling.
+constexpr int kNV = (kW == 16) ? 4 : 2;  // vectors per sub-block (register tile width)
+constexpr int kSub = kNV * kW;            // coordinates per sub-block
+constexpr int kChunk = 256;               // coordinates per chunk (multiple of kSub for every kW)
+constexpr int kLd = kChunk + 16;          // local row stride (floats): 64-byte aligned, not a power of 2
+constexpr int kKR = 4;                    // rows of W^T per tile in the input-gradient GEMM
+constexpr int kGR = (kW == 16) ? 4 : 2;   // weight-gradient tile: gate rows
+constexpr int kKC = (kW == 16) ? 5 : 3;   //                       input columns
+static_assert(kChunk % kSub == 0, "chunk must hold whole sub-blocks");
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+
+float* aligned_floats(int64_t count) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 64, sizeof(float) * std::max<int64_t>(count, 16)) != 0) throw std::bad_alloc();
+  return static_cast<float*>(p);
+}
+
+// Software prefetch of the next chunk. Its rows lie N floats apart (80 rows for the state alone), far more
+// concurrent streams than the hardware prefetchers track, so without this every chunk waits on DRAM latency.
+// The lines of the next chunk are requested into L2 a few at a time from the compute loops of this chunk.
+class Prefetcher {
+ public:
+  void clear() { ns_ = 0; si_ = row_ = line_ = 0; total_ = 0; }
+  void add(const float* base, int64_t ld_floats, int rows, int64_t cols, bool write) {
+    if (!base || rows <= 0 || cols <= 0 || ns_ == kMax) return;
+    const int lines = int((cols * 4 + 63) / 64);
+    s_[ns_++] = Stream{reinterpret_cast<const char*>(base), ld_floats * 4, rows, lines, write};
+    total_ += int64_t(rows) * lines;
+  }
+  // Spread the lines over `calls` calls of step().
+  void plan(int calls) { per_call_ = int((total_ + calls - 1) / std::max(calls, 1)) + 1; }
+  L2L_INLINE void step() {
+    for (int c = per_call_; c > 0 && si_ < ns_; --c) {
+      const Stream& st = s_[si_];
+      const char* p = st.base + row_ * st.ld + int64_t(line_) * 64;
+      if (st.write) __builtin_prefetch(p, 1, 2);
+      else __builtin_prefetch(p, 0, 2);
+      if (++line_ == st.lines) {
+        line_ = 0;
+        if (++row_ == st.rows) {
+          row_ = 0;
+          ++si_;
+        }
+      }
+    }
+  }
+
+ private:
+  struct Stream {
+    const char* base;
+    int64_t ld;
+    int rows, lines;
+    bool write;
+  };
+  static constexpr int kMax = 8;
+  Stream s_[kMax];
+  int ns_ = 0, si_ = 0, row_ = 0, line_ = 0, per_call_ = 0;
+  int64_t total_ = 0;
+};
+
+bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
+
+class Kernel {
+ public:
+  Kernel(const StepConfig& cfg, const float* phi, float scale, bool backward)
+      : cfg_(cfg), D_(cfg.input_size()), H1_(cfg.hidden1), H2_(cfg.hidden2), S_(int(cfg.state_rows())),
+        K1_(D_ + H1_), K2_(H1_ + H2_), scale_(scale), backward_(backward) {
+    W1_ = phi + cfg.w1_offset();
+    b1_ = phi + cfg.b1_offset();
+    W2_ = phi + cfg.w2_offset();
+    b2_ = phi + cfg.b2_offset();
+    wo_ = phi + cfg.wo_offset();
+    bo_ = phi[cfg.bo_offset()];
+    pre_ = cfg.preprocess;
+    param_ = cfg.preprocess_param;
+    if (pre_ == Preprocess::kPaper) {
+      thr_ = float(std::exp(-double(param_)));
+      ep_ = float(std::exp(double(param_)));
+    } else if (pre_ == Preprocess::kClamped) {
+      ep_ = float(std::exp(double(param_)));
+    }
+    K1w_ = round_up(K1_, kKC);
+    K2w_ = round_up(K2_, kKC);
+    K1u_ = round_up(K1_, kKR);
+    K2u_ = round_up(K2_, kKR);
+
+    // One aligned allocation for everything.
+    int64_t floats = 0;
+    auto take = [&floats](int64_t count) {
+      int64_t at = floats;
+      floats += round_up(count, 16);
+      return at;
+    };
+    const int64_t o_wp1 = take(4LL * H1_ * K1_), o_bp1 = take(4LL * H1_);
+    const int64_t o_wp2 = take(4LL * H2_ * K2_), o_bp2 = take(4LL * H2_);
+    const int64_t o_in1 = take(K1w_ * kLd), o_in2 = take(K2w_ * kLd);
+    const int64_t o_gbuf = take(4LL * std::max(H1_, H2_) * kSub);
+    const int64_t o_gs = take(kLd), o_sts = take(int64_t(S_) * kLd);
+    const int64_t o_us = take(kLd), o_nss = take(int64_t(S_) * kLd);
+    int64_t o_wt1 = 0, o_wt2 = 0, o_act1 = 0, o_act2 = 0, o_dz1 = 0, o_dz2 = 0, o_dh1 = 0, o_dx = 0, o_dy = 0,
+            o_junk = 0, o_zero = 0, o_lw1 = 0, o_lw2 = 0, o_lb1 = 0, o_lb2 = 0, o_lwo = 0, o_lbo = 0;
+    if (backward_) {
+      o_wt1 = take(4LL * H1_ * K1u_);
+      o_wt2 = take(4LL * H2_ * K2u_);
+      o_act1 = take(5LL * H1_ * kLd);
+      o_act2 = take(5LL * H2_ * kLd);
+      o_dz1 = take(4LL * H1_ * kLd);
+      o_dz2 = take(4LL * H2_ * kLd);
+      o_dh1 = take(int64_t(H1_) * kLd);
+      o_dx = take(2LL * kLd);
+      o_dy = take(kLd);
+      o_junk = take(int64_t(kKR) * kLd);
+      o_zero = take(kLd);
+      o_lw1 = take(4LL * H1_ * K1w_ * kW);
+      o_lw2 = take(4LL * H2_ * K2w_ * kW);
+      o_lb1 = take(4LL * H1_ * kW);
+      o_lb2 = take(4LL * H2_ * kW);
+      o_lwo = take(int64_t(H2_) * kW);
+      o_lbo = take(kW);
+    }
+    mem_.reset(aligned_floats(floats));
+    float* m = mem_.get();
+    std::memset(m, 0, sizeof(float) * floats);
+    wp1_ = m + o_wp1; bp1_ = m + o_bp1; wp2_ = m + o_wp2; bp2_ = m + o_bp2;
+    in1_ = m + o_in1; in2_ = m + o_in2; gbuf_ = m + o_gbuf;
+    gs_ = m + o_gs; sts_ = m + o_sts; us_ = m + o_us; nss_ = m + o_nss;
+    pack(W1_, b1_, H1_, K1_, wp1_, bp1_);
+    pack(W2_, b2_, H2_, K2_, wp2_, bp2_);
+    if (backward_) {
+      wt1_ = m + o_wt1; wt2_ = m + o_wt2;
+      act1_ = m + o_act1; act2_ = m + o_act2;
+      dz1_ = m + o_dz1; dz2_ = m + o_dz2;
+      dh1_ = m + o_dh1; dx_ = m + o_dx; dy_ = m + o_dy; junk_ = m + o_junk; zero_ = m + o_zero;
+      lw1_ = m + o_lw1; lw2_ = m + o_lw2; lb1_ = m + o_lb1; lb2_ = m + o_lb2; lwo_ = m + o_lwo; lbo_ = m + o_lbo;
+      for (int64_t g = 0; g < 4LL * H1_; ++g)
+        std::memcpy(wt1_ + g * K1u_, W1_ + g * K1_, sizeof(float) * K1_);
+      for (int64_t g = 0; g < 4LL * H2_; ++g)
+        std::memcpy(wt2_ + g * K2u_, W2_ + g * K2_, sizeof(float) * K2_);
+      urow1_.resize(K1u_);
+      urow2_.resize(K2u_);
+      rows_.resize(std::max(K1u_, K2u_));
+    }
+  }
+
+  // ---- forward over [begin, end)
+  void forward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end, float* update,
+               float* new_state) {
+    const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(update) && aligned64(new_state);
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
+      const int64_t next = c0 + kChunk, ncols = std::min<int64_t>(kChunk, end - next);
+      pf_.clear();
+      pf_.add(grad + next, 0, 1, ncols, false);
+      pf_.add(state + next, n, S_, ncols, false);
+      if (!nt && new_state != state) pf_.add(new_state + next, n, S_, ncols, true);
+      pf_.plan((kChunk / kSub) * (H1_ + H2_));
+      if (cnt == kChunk) {
+        nt_ = nt;
+        fwd_chunk<false>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
+        nt_ = false;
+      } else {
+        stage_in(grad + c0, state + c0, n, cnt);
+        fwd_chunk<false>(gs_, sts_, kLd, us_, nss_, kLd);
+        std::memcpy(update + c0, us_, sizeof(float) * cnt);
+        for (int r = 0; r < S_; ++r)
+          std::memcpy(new_state + r * n + c0, nss_ + int64_t(r) * kLd, sizeof(float) * cnt);
+      }
+    }
+    store_fence();
+  }
+
+  // ---- backward over [begin, end); d_phi_partial accumulated into.
+  void backward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end,
+                const float* d_update, const float* d_new_state, float* d_phi_partial, float* d_grad,
+                float* d_state) {
+    const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(d_grad) && aligned64(d_state);
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
+      const int64_t next = c0 + kChunk, ncols = std::min<int64_t>(kChunk, end - next);
+      pf_.clear();
+      pf_.add(grad + next, 0, 1, ncols, false);
+      pf_.add(d_update + next, 0, 1, ncols, false);
+      pf_.add(state + next, n, S_, ncols, false);
+      if (d_new_state) pf_.add(d_new_state + next, n, S_, ncols, false);
+      if (!nt && d_state != d_new_state) pf_.add(d_state + next, n, S_, ncols, true);
+      pf_.plan(2 * (kChunk / kSub) * (H1_ + H2_));
+      if (cnt == kChunk) {
+        const float* dns = d_new_state ? d_new_state + c0 : zero_;
+        nt_ = nt;
+        bwd_chunk(grad + c0, state + c0, n, d_update + c0, dns, d_new_state ? n : 0, d_grad + c0,
+                  d_state + c0, n);
+        nt_ = false;
+      } else {
+        // Padded columns: zero gradient, state and upstream gradients, so every dz there is 0 and they add
+        // nothing to d_phi.
+        stage_in(grad + c0, state + c0, n, cnt);
+        float* dus = us_;
+        float* dnss = nss_;
+        std::memset(dus, 0, sizeof(float) * kLd);
+        std::memcpy(dus, d_update + c0, sizeof(float) * cnt);
+        for (int r = 0; r < S_; ++r) {
+          float* row = dnss + int64_t(r) * kLd;
+          std::memset(row, 0, sizeof(float) * kLd);
+          if (d_new_state) std::memcpy(row, d_new_state + r * n + c0, sizeof(float) * cnt);
+        }
+        // Outputs go to the same staging buffers (d_grad over d_update, d_state over d_new_state: allowed).
+        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd);
+        std::memcpy(d_grad + c0, dus, sizeof(float) * cnt);
+        for (int r = 0; r < S_; ++r)
+          std::memcpy(d_state + r * n + c0, dnss + int64_t(r) * kLd, sizeof(float) * cnt);
+      }
+    }
+    store_fence();
+    reduce_lanes(d_phi_partial);
+  }
+
+ private:
+  // W [4H][K] row-major, b [4H] -> wp [H][K][4] (the 4 gates of unit j for input k next to each other).
+  static void pack(const float* W, const float* b, int H, int K, float* wp, float* bp) {
+    for (int j = 0; j < H; ++j) {
+      for (int k = 0; k < K; ++k)
+        for (int q = 0; q < 4; ++q) wp[(int64_t(j) * K + k) * 4 + q] = W[(int64_t(q) * H + j) * K + k];
+      for (int q = 0; q < 4; ++q) bp[4 * j + q] = b[q * H + j];
+    }
+  }
+
+  void stage_in(const float* g, const float* st, int64_t ld, int64_t cnt) {
+    std::memset(gs_, 0, sizeof(float) * kLd);
+    std::memcpy(gs_, g, sizeof(float) * cnt);
+    for (int r = 0; r < S_; ++r) {
+      float* row = sts_ + int64_t(r) * kLd;
+      std::memset(row, 0, sizeof(float) * kLd);
+      std::memcpy(row, st + r * ld, sizeof(float) * cnt);
+    }
+  }
+
+  L2L_INLINE void store_out(float* p, vf v) const {
+    if (nt_) stream(p, v);
+    else storeu(p, v);
+  }
+
+  // ---- preprocessing
+  L2L_INLINE void preprocess(vf g, vf* f0, vf* f1) const {
+    if (pre_ == Preprocess::kNone) {
+      *f0 = g;
+      *f1 = splat(0.0f);
+      return;
+    }
+    const vf a = vabs(g);
+    if (pre_ == Preprocess::kPaper) {
+      vi big = a >= splat(thr_);
+      vf l = log_(big ? a : splat(1.0f)) / splat(param_);
+      *f0 = big ? l : splat(-1.0f);
+      *f1 = big ? vsign(g) : splat(ep_) * g;
+    } else {
+      vf l = log_(a + splat(FLT_EPSILON)) / splat(param_);
+      *f0 = vmax(splat(-1.0f), l);
+      *f1 = vmax(splat(-1.0f), vmin(splat(1.0f), g * splat(ep_)));
+    }
+  }
+
+  // d(loss)/d(grad) from d(loss)/d(features); derivatives as listed in lstm_step.h.
+  L2L_INLINE vf preprocess_backward(vf g, vf d0, vf d1) const {
+    if (pre_ == Preprocess::kNone) return d0;
+    const vf a = vabs(g);
+    if (pre_ == Preprocess::kPaper) {
+      vi big = a >= splat(thr_);
+      return big ? d0 / (splat(param_) * g) : d1 * splat(ep_);
+    }
+    const vf ae = a + splat(FLT_EPSILON);
+    vf l = log_(ae) / splat(param_);
+    vf t0 = l > splat(-1.0f) ? d0 * vsign(g) / (splat(param_) * ae) : splat(0.0f);
+    vf t1 = vabs(g * splat(ep_)) < splat(1.0f) ? d1 * splat(ep_) : splat(0.0f);
+    return t0 + t1;
+  }
+
+  // ---- gate GEMM of one layer on one sub-block: for every unit j, out[j][q][v] = b[q j] + sum_k W[q j][k] in[k][v]
+  // (q: gate i, f, g, o; v: the kNV vectors of the sub-block). Register tile: the 4 gates of one unit x kNV
+  // vectors (16 accumulators with AVX-512). Not inlined and separate from the pointwise math, so that the
+  // accumulators own the registers and the FMA stream runs uninterrupted across units.
+  __attribute__((noinline)) static void gates(const float* __restrict wp, const float* __restrict bp,
+                                              const float* __restrict in, int K, int H, float* __restrict out) {
+    for (int j = 0; j < H; ++j) {
+      const float* wpj = wp + int64_t(j) * K * 4;
+      vf acc[4][kNV];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const vf b = splat(bp[4 * j + q]);
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) acc[q][v] = b;
+      }
+      for (int k = 0; k < K; ++k) {
+        const float* u = in + int64_t(k) * kLd;
+        vf x[kNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) x[v] = load(u + v * kW);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          const vf w = splat(wpj[4 * k + q]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) acc[q][v] = vfma(w, x[v], acc[q][v]);
+        }
+      }
+      float* o = out + int64_t(j) * 4 * kSub;
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) store(o + (q * kNV + v) * kW, acc[q][v]);
+    }
+  }
+
+  // ---- forward of one chunk of kChunk coordinates. st/ns: first row of the chunk, rows lds/ldn apart.
+  // kBwd: keep the activations in act1_/act2_ (and h1' in in2_) instead of writing outputs.
+  template <bool kBwd>
+  void fwd_chunk(const float* __restrict g, const float* st, int64_t lds, float* up, float* ns, int64_t ldn) {
+    for (int col = 0; col < kChunk; col += kW) {
+      vf f0, f1;
+      preprocess(loadu(g + col), &f0, &f1);
+      store(in1_ + col, f0);
+      if (D_ == 2) store(in1_ + kLd + col, f1);
+    }
+    for (int r = 0; r < H1_; ++r) std::memcpy(in1_ + int64_t(D_ + r) * kLd, st + r * lds, sizeof(float) * kChunk);
+    for (int r = 0; r < H2_; ++r)
+      std::memcpy(in2_ + int64_t(H1_ + r) * kLd, st + (2 * int64_t(H1_) + r) * lds, sizeof(float) * kChunk);
+
+    for (int s = 0; s < kChunk; s += kSub) {
+      // Layer 1.
+      gates(wp1_, bp1_, in1_ + s, K1_, H1_, gbuf_);
+      for (int j = 0; j < H1_; ++j) {
+        pf_.step();
+        const float* acc = gbuf_ + int64_t(j) * 4 * kSub;
+        const float* cold = st + (int64_t(H1_) + j) * lds + s;
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) {
+          const int off = s + v * kW;
+          const vf zi = load(acc + (0 * kNV + v) * kW), zf = load(acc + (1 * kNV + v) * kW);
+          const vf zg = load(acc + (2 * kNV + v) * kW), zo = load(acc + (3 * kNV + v) * kW);
+          if (kBwd) {
+            vf ig = sigmoid(zi), fg = sigmoid(zf), gg = tanh_(zg), og = sigmoid(zo);
+            vf cn = vfma(fg, loadu(cold + v * kW), ig * gg);
+            vf tc = tanh_(cn);
+            store(in2_ + int64_t(j) * kLd + off, og * tc);
+            float* a = act1_ + int64_t(j) * kLd + off;
+            const int64_t st5 = int64_t(H1_) * kLd;
+            store(a, ig); store(a + st5, fg); store(a + 2 * st5, gg); store(a + 3 * st5, og); store(a + 4 * st5, tc);
+          } else {
+            vf cn = vfma(sigmoid(zf), loadu(cold + v * kW), sigmoid_times_tanh(zi, zg));
+            vf h = sigmoid_times_tanh(zo, cn);
+            store(in2_ + int64_t(j) * kLd + off, h);
+            store_out(ns + int64_t(j) * ldn + off, h);
+            store_out(ns + (int64_t(H1_) + j) * ldn + off, cn);
+          }
+        }
+      }
+      // Layer 2 and the output.
+      vf ua[kNV];
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) ua[v] = splat(0.0f);
+      gates(wp2_, bp2_, in2_ + s, K2_, H2_, gbuf_);
+      for (int j = 0; j < H2_; ++j) {
+        pf_.step();
+        const float* acc = gbuf_ + int64_t(j) * 4 * kSub;
+        const float* cold = st + (2 * int64_t(H1_) + H2_ + j) * lds + s;
+        const vf wo = splat(wo_[j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) {
+          const int off = s + v * kW;
+          const vf zi = load(acc + (0 * kNV + v) * kW), zf = load(acc + (1 * kNV + v) * kW);
+          const vf zg = load(acc + (2 * kNV + v) * kW), zo = load(acc + (3 * kNV + v) * kW);
+          if (kBwd) {
+            vf ig = sigmoid(zi), fg = sigmoid(zf), gg = tanh_(zg), og = sigmoid(zo);
+            vf cn = vfma(fg, loadu(cold + v * kW), ig * gg);
+            vf tc = tanh_(cn);
+            float* a = act2_ + int64_t(j) * kLd + off;
+            const int64_t st5 = int64_t(H2_) * kLd;
+            store(a, ig); store(a + st5, fg); store(a + 2 * st5, gg); store(a + 3 * st5, og); store(a + 4 * st5, tc);
+          } else {
+            vf cn = vfma(sigmoid(zf), loadu(cold + v * kW), sigmoid_times_tanh(zi, zg));
+            vf h = sigmoid_times_tanh(zo, cn);
+            store_out(ns + (2 * int64_t(H1_) + j) * ldn + off, h);
+            store_out(ns + (2 * int64_t(H1_) + H2_ + j) * ldn + off, cn);
+            ua[v] = vfma(wo, h, ua[v]);
+          }
+        }
+      }
+      if (!kBwd) {
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) store_out(up + s + v * kW, splat(scale_) * (ua[v] + splat(bo_)));
+      }
+    }
+  }
+
+  // Backward of the pointwise LSTM math of unit j of one layer, one vector: dh (into h'), the upstream dc',
+  // c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums of the 4 gates).
+  L2L_INLINE void cell_backward(const float* act, int H, int j, int off, vf dh, vf dc_in, vf cold, float* dz,
+                                float* dcold_out, vf (&sb)[4]) {
+    const int64_t st5 = int64_t(H) * kLd;
+    const float* a = act + int64_t(j) * kLd + off;
+    vf ig = load(a), fg = load(a + st5), gg = load(a + 2 * st5), og = load(a + 3 * st5), tc = load(a + 4 * st5);
+    const vf one = splat(1.0f);
+    vf dc = vfma(dh * og, one - tc * tc, dc_in);
+    vf dzo = dh * tc * og * (one - og);
+    vf dzi = dc * gg * ig * (one - ig);
+    vf dzg = dc * ig * (one - gg * gg);
+    vf dzf = dc * cold * fg * (one - fg);
+    store_out(dcold_out, dc * fg);
+    float* d = dz + int64_t(j) * kLd + off;
+    store(d, dzi); store(d + st5, dzf); store(d + 2 * st5, dzg); store(d + 3 * st5, dzo);
+    sb[0] = sb[0] + dzi;
+    sb[1] = sb[1] + dzf;
+    sb[2] = sb[2] + dzg;
+    sb[3] = sb[3] + dzo;
+  }
+
+  // lanes of the bias gradient of unit j (gate q at row q H + j) += sb.
+  L2L_INLINE static void add_bias_lanes(float* lb, int H, int j, const vf (&sb)[4]) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      float* l = lb + (int64_t(q) * H + j) * kW;
+      store(l, load(l) + sb[q]);
+    }
+  }
+
+  // out rows k (pointers already at the sub-block): sum_g wt[g][k] dz[g][sub-block], for k < Ku.
+  // Rows [out_lo, out_hi) are kernel outputs (d_state rows), the others local buffers.
+  __attribute__((noinline)) static void input_grad(const float* __restrict wt, int Ku, int G,
+                                                   const float* __restrict dz, float* const* rows, int out_lo,
+                                                   int out_hi, bool nt) {
+    for (int k0 = 0; k0 < Ku; k0 += kKR) {
+      vf acc[kKR][kNV];
+#pragma GCC unroll 4
+      for (int r = 0; r < kKR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) acc[r][v] = splat(0.0f);
+      for (int g = 0; g < G; ++g) {
+        const float* d = dz + int64_t(g) * kLd;
+        vf x[kNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) x[v] = load(d + v * kW);
+        const float* w = wt + int64_t(g) * Ku + k0;
+#pragma GCC unroll 4
+        for (int r = 0; r < kKR; ++r) {
+          const vf wv = splat(w[r]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) acc[r][v] = vfma(wv, x[v], acc[r][v]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < kKR; ++r) {
+        float* row = rows[k0 + r];
+        if (nt && k0 + r >= out_lo && k0 + r < out_hi) {
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) stream(row + v * kW, acc[r][v]);
+        } else {
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) storeu(row + v * kW, acc[r][v]);
+        }
+      }
+    }
+  }
+
+  // lanes[g][k] (kW partial sums each) += sum over the chunk of dz[g][:] * u[k][:].
+  __attribute__((noinline)) static void weight_grad(float* __restrict lanes, int G, int Kw, const float* __restrict dz,
+                          const float* __restrict u) {
+    for (int g0 = 0; g0 < G; g0 += kGR) {
+      for (int k0 = 0; k0 < Kw; k0 += kKC) {
+        vf acc[kGR][kKC];
+#pragma GCC unroll 8
+        for (int r = 0; r < kGR; ++r)
+#pragma GCC unroll 8
+          for (int c = 0; c < kKC; ++c) acc[r][c] = splat(0.0f);
+        for (int col = 0; col < kChunk; col += kW) {
+          vf a[kGR], b[kKC];
+#pragma GCC unroll 8
+          for (int r = 0; r < kGR; ++r) a[r] = load(dz + int64_t(g0 + r) * kLd + col);
+#pragma GCC unroll 8
+          for (int c = 0; c < kKC; ++c) b[c] = load(u + int64_t(k0 + c) * kLd + col);
+#pragma GCC unroll 8
+          for (int r = 0; r < kGR; ++r)
+#pragma GCC unroll 8
+            for (int c = 0; c < kKC; ++c) acc[r][c] = vfma(a[r], b[c], acc[r][c]);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < kGR; ++r)
+#pragma GCC unroll 8
+          for (int c = 0; c < kKC; ++c) {
+            float* l = lanes + (int64_t(g0 + r) * Kw + k0 + c) * kW;
+            store(l, load(l) + acc[r][c]);
+          }
+      }
+    }
+  }
+
+  // ---- backward of one chunk. Recomputes the forward activations (nothing is saved by the forward op: the
+  // step is memory-bound, and recomputing from the state costs arithmetic, not memory traffic).
+  void bwd_chunk(const float* g, const float* st, int64_t lds, const float* du, const float* dns, int64_t lddn,
+                 float* dg, float* ds, int64_t ldd) {
+    fwd_chunk<true>(g, st, lds, nullptr, nullptr, 0);
+    for (int col = 0; col < kChunk; col += kW) store(dy_ + col, splat(scale_) * loadu(du + col));
+    const int64_t H1 = H1_, H2 = H2_;
+    // Row pointers of the input-gradient outputs (at column 0 of the chunk).
+    for (int k = 0; k < K2u_; ++k) {
+      if (k < H1) urow2_[k] = dh1_ + int64_t(k) * kLd;
+      else if (k < K2_) urow2_[k] = ds + (H1 + k) * ldd;  // h2 row k - H1 is state row 2 H1 + k - H1
+      else urow2_[k] = junk_ + int64_t(k - K2_) * kLd;
+    }
+    for (int k = 0; k < K1u_; ++k) {
+      if (k < D_) urow1_[k] = dx_ + int64_t(k) * kLd;
+      else if (k < K1_) urow1_[k] = ds + int64_t(k - D_) * ldd;
+      else urow1_[k] = junk_ + int64_t(k - K1_) * kLd;
+    }
+    float** rows = rows_.data();
+    for (int s = 0; s < kChunk; s += kSub) {
+      // Layer 2 (and the output layer).
+      for (int j = 0; j < H2_; ++j) {
+        pf_.step();
+        const vf wo = splat(wo_[j]);
+        vf dwo = load(lwo_ + int64_t(j) * kW);
+        vf sb[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) {
+          const int off = s + v * kW;
+          const vf dyv = load(dy_ + off);
+          const float* a = act2_ + int64_t(j) * kLd + off;
+          const int64_t st5 = H2 * kLd;
+          dwo = vfma(dyv, load(a + 3 * st5) * load(a + 4 * st5), dwo);
+          vf dh = vfma(dyv, wo, loadu(dns + (2 * H1 + j) * lddn + off));
+          cell_backward(act2_, H2_, j, off, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
+                        loadu(st + (2 * H1 + H2 + j) * lds + off), dz2_, ds + (2 * H1 + H2 + j) * ldd + off, sb);
+        }
+        store(lwo_ + int64_t(j) * kW, dwo);
+        add_bias_lanes(lb2_, H2_, j, sb);
+      }
+      {
+        vf dbo = load(lbo_);
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) dbo = dbo + load(dy_ + s + v * kW);
+        store(lbo_, dbo);
+      }
+      for (int k = 0; k < K2u_; ++k) rows[k] = urow2_[k] + s;
+      input_grad(wt2_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_);
+      // Layer 1.
+      for (int j = 0; j < H1_; ++j) {
+        pf_.step();
+        vf sb[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) {
+          const int off = s + v * kW;
+          vf dh = load(dh1_ + int64_t(j) * kLd + off) + loadu(dns + int64_t(j) * lddn + off);
+          cell_backward(act1_, H1_, j, off, dh, loadu(dns + (H1 + j) * lddn + off), loadu(st + (H1 + j) * lds + off),
+                        dz1_, ds + (H1 + j) * ldd + off, sb);
+        }
+        add_bias_lanes(lb1_, H1_, j, sb);
+      }
+      for (int k = 0; k < K1u_; ++k) rows[k] = urow1_[k] + s;
+      input_grad(wt1_, K1u_, 4 * H1_, dz1_ + s, rows, D_, K1_, nt_);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) {
+        const int off = s + v * kW;
+        store_out(dg + off, preprocess_backward(loadu(g + off), load(dx_ + off), load(dx_ + kLd + off)));
+      }
+    }
+    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, in2_);
+    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, in1_);
+  }
+
+  static float hsum(const float* lane) {
+    float s = 0.0f;
+    for (int i = 0; i < kW; ++i) s += lane[i];
+    return s;
+  }
+
+  void reduce_lanes(float* d_phi) {
+    float* dw1 = d_phi + cfg_.w1_offset();
+    for (int64_t g = 0; g < 4LL * H1_; ++g)
+      for (int k = 0; k < K1_; ++k) dw1[g * K1_ + k] += hsum(lw1_ + (g * K1w_ + k) * kW);
+    float* dw2 = d_phi + cfg_.w2_offset();
+    for (int64_t g = 0; g < 4LL * H2_; ++g)
+      for (int k = 0; k < K2_; ++k) dw2[g * K2_ + k] += hsum(lw2_ + (g * K2w_ + k) * kW);
+    for (int64_t g = 0; g < 4LL * H1_; ++g) d_phi[cfg_.b1_offset() + g] += hsum(lb1_ + g * kW);
+    for (int64_t g = 0; g < 4LL * H2_; ++g) d_phi[cfg_.b2_offset() + g] += hsum(lb2_ + g * kW);
+    for (int64_t j = 0; j < H2_; ++j) d_phi[cfg_.wo_offset() + j] += hsum(lwo_ + j * kW);
+    d_phi[cfg_.bo_offset()] += hsum(lbo_);
+  }
+
+  const StepConfig cfg_;
+  const int D_, H1_, H2_, S_, K1_, K2_;
+  const float scale_;
+  const bool backward_;
+  const float *W1_, *b1_, *W2_, *b2_, *wo_;
+  float bo_;
+  Preprocess pre_;
+  float param_ = 1.0f, thr_ = 0.0f, ep_ = 1.0f;
+  int K1w_, K2w_, K1u_, K2u_;
+  std::unique_ptr<float, AlignedFree> mem_;
+  float *wp1_, *bp1_, *wp2_, *bp2_, *in1_, *in2_, *gbuf_, *gs_, *sts_, *us_, *nss_;
+  float *wt1_ = nullptr, *wt2_ = nullptr, *act1_ = nullptr, *act2_ = nullptr, *dz1_ = nullptr, *dz2_ = nullptr;
+  float *dh1_ = nullptr, *dx_ = nullptr, *dy_ = nullptr, *junk_ = nullptr, *zero_ = nullptr;
+  float *lw1_ = nullptr, *lw2_ = nullptr, *lb1_ = nullptr, *lb2_ = nullptr, *lwo_ = nullptr, *lbo_ = nullptr;
+  std::vector<float*> urow1_, urow2_, rows_;
+  Prefetcher pf_;
+  bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
+};
+
+}  // namespace
+
+void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad, const float* state,
+                           float scale, int64_t n, int64_t begin, int64_t end, float* update, float* new_state) {
+  if (end <= begin) return;
+  Kernel k(cfg, phi, scale, /*backward=*/false);
+  k.forward(grad, state, n, begin, end, update, new_state);
+}
+
+void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float* grad, const float* state,
+                            float scale, int64_t n, int64_t begin, int64_t end, const float* d_update,
+                            const float* d_new_state, float* d_phi_partial, float* d_grad, float* d_state) {
+  if (end <= begin) return;
+  Kernel k(cfg, phi, scale, /*backward=*/true);
+  k.backward(grad, state, n, begin, end, d_update, d_new_state, d_phi_partial, d_grad, d_state);
+}
+
+}  // namespace l2l

@@ -1,0 +1,222 @@
+// pybind11 module l2l_tf._kernels: the CPU kernels of lstm_step.h on float32 NumPy arrays (no TensorFlow),
+// for tests and tools. With -DL2L_WITH_CUDA the CUDA bindings (pybind_cuda.cc) are added too.
+//
+//   num_params(hidden1, hidden2, preprocess) -> int
+//   forward_cpu(phi, grad, state, scale, hidden1=20, hidden2=20, preprocess="none", preprocess_param=10.0,
+//               num_threads=0) -> (update, new_state)
+//   backward_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
+//                preprocess="none", preprocess_param=10.0, num_threads=0) -> (d_phi, d_grad, d_state)
+//   cuda_available() -> bool
+//
+// Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise). Work is split over
+// num_threads std::threads (0 = hardware concurrency) in ranges of whole 256-coordinate chunks; the GIL is
+// released meanwhile. d_phi sums per-thread partial buffers in thread order (deterministic for a fixed
+// thread count); every other output is independent of the thread count.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lstm_step.h"
+
+namespace py = pybind11;
+
+namespace l2l {
+#ifdef L2L_WITH_CUDA
+void register_cuda_bindings(pybind11::module_& m);
+#endif
+
+namespace {
+
+constexpr int64_t kSplitUnit = 256;  // thread ranges are multiples of this many coordinates
+
+Preprocess parse_preprocess(const std::string& name) {
+  if (name == "none") return Preprocess::kNone;
+  if (name == "paper") return Preprocess::kPaper;
+  if (name == "clamped") return Preprocess::kClamped;
+  throw py::value_error("preprocess must be 'none', 'paper' or 'clamped', got '" + name + "'");
+}
+
+StepConfig make_config(int hidden1, int hidden2, const std::string& preprocess, double preprocess_param) {
+  StepConfig cfg;
+  cfg.hidden1 = hidden1;
+  cfg.hidden2 = hidden2;
+  cfg.preprocess = parse_preprocess(preprocess);
+  cfg.preprocess_param = float(preprocess_param);
+  if (const char* msg = validate_config(cfg)) throw py::value_error(msg);
+  return cfg;
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks dtype, contiguity and shape (-1: any) of a float32 input.
+const float* checked(const py::array& a, const char* name, std::vector<int64_t> shape) {
+  if (!a.dtype().is(py::dtype::of<float>())) {
+    throw py::value_error(std::string(name) + " must be a float32 array, got dtype " +
+                          std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != py::ssize_t(shape.size())) {
+    throw py::value_error(std::string(name) + " must have " + std::to_string(shape.size()) +
+                          " dimension(s), got shape " + shape_str(a));
+  }
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] >= 0 && a.shape(i) != shape[i]) {
+      std::string want = "(";
+      for (size_t j = 0; j < shape.size(); ++j) want += (j ? ", " : "") + std::to_string(shape[j]);
+      want += shape.size() == 1 ? ",)" : ")";
+      throw py::value_error(std::string(name) + " must have shape " + want + ", got " + shape_str(a));
+    }
+  }
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  return static_cast<const float*>(a.data());
+}
+
+// A new float32 array with 64-byte aligned data (the kernels then write whole cache lines with streaming
+// stores when the row length is a multiple of 16).
+py::array_t<float> aligned_array(std::vector<py::ssize_t> shape) {
+  size_t count = 1;
+  for (auto d : shape) count *= size_t(d);
+  void* p = nullptr;
+  if (posix_memalign(&p, 64, std::max<size_t>(count, 1) * sizeof(float)) != 0) throw std::bad_alloc();
+  py::capsule owner(p, [](void* q) { std::free(q); });
+  return py::array_t<float>(shape, static_cast<float*>(p), owner);
+}
+
+float checked_scale(double scale) {
+  if (!std::isfinite(float(scale))) throw py::value_error("scale must be finite, got " + std::to_string(scale));
+  return float(scale);
+}
+
+int resolve_threads(int num_threads, int64_t n) {
+  if (num_threads < 0) throw py::value_error("num_threads must be >= 0");
+  int t = num_threads == 0 ? int(std::max(1u, std::thread::hardware_concurrency())) : num_threads;
+  const int64_t units = (n + kSplitUnit - 1) / kSplitUnit;
+  return int(std::max<int64_t>(1, std::min<int64_t>(t, units)));
+}
+
+// Calls fn(thread index, begin, end) on `threads` ranges of [0, n), the last one on this thread.
+template <class Fn>
+void run_split(int threads, int64_t n, Fn fn) {
+  const int64_t units = (n + kSplitUnit - 1) / kSplitUnit;
+  auto range = [&](int t) {
+    const int64_t b = std::min(n, units * t / threads * kSplitUnit);
+    const int64_t e = std::min(n, units * (t + 1) / threads * kSplitUnit);
+    return std::make_pair(b, e);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t + 1 < threads; ++t) {
+    auto r = range(t);
+    pool.emplace_back([=, &fn] { fn(t, r.first, r.second); });
+  }
+  auto r = range(threads - 1);
+  fn(threads - 1, r.first, r.second);
+  for (auto& th : pool) th.join();
+}
+
+py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
+                      int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
+                      int num_threads) {
+  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+  const float* phi_p = checked(phi, "phi", {cfg.num_params()});
+  const float* grad_p = checked(grad, "grad", {-1});
+  const int64_t n = grad.shape(0);
+  const float* state_p = checked(state, "state", {cfg.state_rows(), n});
+  py::array_t<float> update = aligned_array({n});
+  py::array_t<float> new_state = aligned_array({cfg.state_rows(), n});
+  float* up = update.mutable_data();
+  float* ns = new_state.mutable_data();
+  const int threads = resolve_threads(num_threads, n);
+  const float sc = checked_scale(scale);
+  {
+    py::gil_scoped_release release;
+    run_split(threads, n, [&](int, int64_t b, int64_t e) {
+      lstm_step_forward_cpu(cfg, phi_p, grad_p, state_p, sc, n, b, e, up, ns);
+    });
+  }
+  return py::make_tuple(update, new_state);
+}
+
+py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
+                       const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
+                       const std::string& preprocess, double preprocess_param, int num_threads) {
+  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+  const float* phi_p = checked(phi, "phi", {cfg.num_params()});
+  const float* grad_p = checked(grad, "grad", {-1});
+  const int64_t n = grad.shape(0);
+  const float* state_p = checked(state, "state", {cfg.state_rows(), n});
+  const float* du_p = checked(d_update, "d_update", {n});
+  const float* dns_p = nullptr;
+  py::array dns_arr;
+  if (!d_new_state.is_none()) {
+    if (!py::isinstance<py::array>(d_new_state)) throw py::value_error("d_new_state must be a float32 array or None");
+    dns_arr = d_new_state.cast<py::array>();
+    dns_p = checked(dns_arr, "d_new_state", {cfg.state_rows(), n});
+  }
+  const int64_t P = cfg.num_params();
+  py::array_t<float> d_phi({P});
+  py::array_t<float> d_grad = aligned_array({n});
+  py::array_t<float> d_state = aligned_array({cfg.state_rows(), n});
+  float* dphi_p = d_phi.mutable_data();
+  float* dg_p = d_grad.mutable_data();
+  float* ds_p = d_state.mutable_data();
+  const int threads = resolve_threads(num_threads, n);
+  const float sc = checked_scale(scale);
+  {
+    py::gil_scoped_release release;
+    std::vector<float> partial(size_t(threads) * size_t(P), 0.0f);
+    run_split(threads, n, [&](int t, int64_t b, int64_t e) {
+      lstm_step_backward_cpu(cfg, phi_p, grad_p, state_p, sc, n, b, e, du_p, dns_p, partial.data() + t * P, dg_p,
+                             ds_p);
+    });
+    std::memcpy(dphi_p, partial.data(), sizeof(float) * P);
+    for (int t = 1; t < threads; ++t)
+      for (int64_t i = 0; i < P; ++i) dphi_p[i] += partial[size_t(t) * P + i];
+  }
+  return py::make_tuple(d_phi, d_grad, d_state);
+}
+
+}  // namespace
+}  // namespace l2l
+
+PYBIND11_MODULE(_kernels, m) {
+  m.doc() = "CPU (and, when built with CUDA, GPU) kernels of the coordinatewise LSTM optimizer step";
+  m.def(
+      "num_params",
+      [](int hidden1, int hidden2, const std::string& preprocess) {
+        return l2l::make_config(hidden1, hidden2, preprocess, 10.0).num_params();
+      },
+      py::arg("hidden1"), py::arg("hidden2"), py::arg("preprocess"),
+      "Length of the flat phi vector for these sizes and preprocessing.");
+  m.def("forward_cpu", &l2l::forward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
+        py::arg("hidden1") = 20, py::arg("hidden2") = 20, py::arg("preprocess") = "none",
+        py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
+        "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]).");
+  m.def("backward_cpu", &l2l::backward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
+        py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,
+        py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
+        "Backward of forward_cpu (d_new_state may be None) -> (d_phi [P], d_grad [N], d_state [S, N]).");
+  m.def(
+      "cuda_available",
+      []() {
+#ifdef L2L_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the module was compiled with the CUDA kernels.");
+#ifdef L2L_WITH_CUDA
+  l2l::register_cuda_bindings(m);
+#endif
+}

@@ -1,0 +1,329 @@
+"""The fused TensorFlow op (csrc/tf_op.cc via l2l_tf.ops.fused) against the pure-TF reference, and the switch.
+
+Tests of the op itself skip (with the reason) when the op library is not built; the switch tests always run.
+"""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import l2l_tf.ops as ops
+from l2l_tf.ops import StepConfig, fused, reference
+
+
+def _need_op():
+    if not fused.available():
+        pytest.skip(f"fused op not built: {fused.load_error()}")
+    return fused._load()
+
+
+def _grads(rng, n):
+    special = np.array([0.0, 1e-30, -1e-30, 1e-40, -1e-42, 1e30, -1e30, 1.0, -1.0, 4.6e-5, -4.5e-5, 6.8e-3,
+                        -6.7e-3], np.float32)
+    g = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-12, 4, n)).astype(np.float32)
+    k = min(n, len(special))
+    g[:k] = special[:k]
+    return g
+
+
+def _inputs(rng, cfg, n, grads=None):
+    phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.4).astype(np.float32))
+    grad = tf.constant(_grads(rng, n) if grads is None else grads)
+    state = tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.6).astype(np.float32))
+    return phi, grad, state
+
+
+CONFIGS = [StepConfig(20, 20, "none"), StepConfig(20, 20, "paper"), StepConfig(20, 20, "clamped"),
+           StepConfig(7, 5, "paper", 3.0), StepConfig(7, 5, "clamped", 2.0), StepConfig(7, 5, "none")]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.hidden1}-{c.hidden2}-{c.preprocess}")
+def test_forward_matches_reference(cfg):
+    _need_op()
+    rng = np.random.default_rng([cfg.hidden1, len(cfg.preprocess)])
+    # 1536: 64-byte aligned rows (the kernels' streaming stores); 1000: unaligned rows and a partial chunk.
+    phi, grad, state = _inputs(rng, cfg, 1536 if cfg.hidden1 == 20 else 1000)
+    u, s = fused.lstm_step(phi, grad, state, 0.1, cfg)
+    ru, rs = reference.lstm_step(phi, grad, state, 0.1, cfg)
+    np.testing.assert_allclose(u.numpy(), ru.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.numpy(), rs.numpy(), rtol=1e-5, atol=1e-6)
+    # Through the switch, eagerly and in a tf.function.
+    u2, s2 = ops.lstm_step(phi, grad, state, 0.1, cfg, implementation="fused")
+    np.testing.assert_array_equal(u2.numpy(), u.numpy())
+    u3, s3 = tf.function(lambda p, g, st: ops.lstm_step(p, g, st, 0.1, cfg))(phi, grad, state)
+    np.testing.assert_array_equal(s3.numpy(), s.numpy())
+
+
+def test_multi_step_in_graph_matches_reference():
+    # Chained steps inside a tf.function (where TF may update the state buffer in place).
+    _need_op()
+    cfg = StepConfig(20, 20, "paper")
+    rng = np.random.default_rng(1)
+    phi, grad, state = _inputs(rng, cfg, 3072)
+
+    def run(impl):
+        @tf.function
+        def f(p, g, st):
+            total = tf.zeros_like(g)
+            for k in range(3):
+                # Fresh gradients each step (feeding u back into g could cancel to ~0 and amplify rounding).
+                u, st = ops.lstm_step(p, g * (1.0 + 0.5 * k), st, 0.1, cfg, implementation=impl)
+                total += u
+            return total, st
+        return f(phi, grad, state)
+
+    a, b = run("fused"), run("reference")
+    np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _smooth_grads(rng, n):
+    # Away from the preprocessing kinks (paper: e^-p; clamped: e^-k), both branches.
+    g = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-1.5, 0.5, n)).astype(np.float32)
+    g[::4] *= 1e-4
+    return g
+
+
+@pytest.mark.parametrize("cfg", [StepConfig(3, 2, "paper", 5.0), StepConfig(3, 2, "clamped", 3.0),
+                                 StepConfig(3, 2, "none")], ids=lambda c: c.preprocess)
+def test_compute_gradient(cfg):
+    _need_op()
+    rng = np.random.default_rng(2)
+    n = 6
+    phi, _, state = _inputs(rng, cfg, n)
+    grad = tf.constant(_smooth_grads(rng, n))
+    w_u = tf.constant(rng.standard_normal(n).astype(np.float32))
+    w_s = tf.constant(rng.standard_normal((cfg.state_rows, n)).astype(np.float32))
+
+    def make(impl):
+        def f(p, g, st):
+            u, s = impl(p, g, st, 0.7, cfg)
+            return tf.concat([u * w_u, tf.reshape(s * w_s, [-1])], 0)
+        return f
+
+    args = [phi, grad, state]
+    theo, num = tf.test.compute_gradient(make(fused.lstm_step), args, delta=1e-3)
+    ref_theo, _ = tf.test.compute_gradient(make(reference.lstm_step), args, delta=1e-3)
+    for t, nm, rt in zip(theo, num, ref_theo):
+        scale = max(1.0, np.abs(t).max())
+        assert np.abs(t - nm).max() <= 2e-2 * scale  # float32 central differences
+        np.testing.assert_allclose(t, rt, rtol=1e-4, atol=1e-5 * scale)  # analytic: fused vs reference
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_unrolled_meta_gradient_matches_reference(stop_gradient, graph):
+    # In a tf.function TF may hand an op's input buffer to its output; the values the backward needs must survive.
+    _need_op()
+    cfg = StepConfig(20, 20, "paper")
+    rng = np.random.default_rng(3)
+    n = 320
+    a = tf.constant(rng.uniform(0.5, 2.0, n).astype(np.float32))
+    b = tf.constant(rng.standard_normal(n).astype(np.float32))
+    theta0 = tf.constant(rng.standard_normal(n).astype(np.float32))
+    phi = tf.Variable((rng.standard_normal(cfg.num_params) * 0.2).astype(np.float32))
+
+    def meta_grad(impl):
+        with tf.GradientTape() as tape:
+            theta = theta0
+            state = tf.zeros((cfg.state_rows, n))
+            loss = 0.0
+            for _ in range(5):
+                with tf.GradientTape() as inner:
+                    inner.watch(theta)
+                    f = tf.reduce_sum(a * (theta - b) ** 2)
+                g = inner.gradient(f, theta)
+                if stop_gradient:
+                    g = tf.stop_gradient(g)
+                update, state = ops.lstm_step(phi, g, state, 0.1, cfg, implementation=impl)
+                theta = theta + update
+                loss += tf.reduce_sum(a * (theta - b) ** 2)
+        return loss, tape.gradient(loss, phi)
+
+    run = (lambda impl: tf.function(lambda: meta_grad(impl))()) if graph else meta_grad
+    loss_f, grad_f = run("fused")
+    loss_r, grad_r = run("reference")
+    np.testing.assert_allclose(loss_f.numpy(), loss_r.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(grad_f.numpy(), grad_r.numpy(), rtol=1e-3, atol=1e-4 * np.abs(grad_r).max())
+
+
+def test_gradient_through_new_state_only():
+    _need_op()
+    cfg = StepConfig(7, 5, "clamped")
+    rng = np.random.default_rng(4)
+    phi, grad, state = _inputs(rng, cfg, 100, grads=_smooth_grads(rng, 100))
+
+    def g(impl):
+        with tf.GradientTape() as tape:
+            tape.watch([phi, state])
+            _, s = impl(phi, grad, state, 1.0, cfg)
+            loss = tf.reduce_sum(s ** 2)
+        return tape.gradient(loss, [phi, state])
+
+    for x, y in zip(g(fused.lstm_step), g(reference.lstm_step)):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-4, atol=1e-5 * np.abs(y.numpy()).max())
+
+
+def test_invalid_arguments_raise_invalid_argument_error():
+    module = _need_op()
+    cfg = StepConfig(7, 5, "paper")
+    rng = np.random.default_rng(5)
+    phi, grad, state = _inputs(rng, cfg, 20)
+    attrs = dict(hidden1=7, hidden2=5, preprocess="paper", preprocess_param=10.0)
+    one = tf.constant(1.0)
+    bad_calls = [
+        lambda: module.l2l_lstm_step(phi[:-1], grad, state, one, **attrs),           # wrong P
+        lambda: module.l2l_lstm_step(phi[None], grad, state, one, **attrs),          # phi rank
+        lambda: module.l2l_lstm_step(phi, grad[:-1], state, one, **attrs),           # N mismatch
+        lambda: module.l2l_lstm_step(phi, grad[None], state, one, **attrs),          # grad rank
+        lambda: module.l2l_lstm_step(phi, grad, state[:-1], one, **attrs),           # wrong S
+        lambda: module.l2l_lstm_step(phi, grad, state[0], one, **attrs),             # state rank
+        lambda: module.l2l_lstm_step(phi, grad, state, tf.constant([1.0]), **attrs),  # scale not scalar
+        lambda: module.l2l_lstm_step(phi, grad, state, tf.constant(np.inf, tf.float32), **attrs),
+        lambda: module.l2l_lstm_step(phi, grad, state, tf.constant(np.nan, tf.float32), **attrs),
+        lambda: module.l2l_lstm_step(phi, grad, state, one, **{**attrs, "preprocess": "bogus"}),
+        lambda: module.l2l_lstm_step(phi, grad, state, one, **{**attrs, "hidden1": 0}),
+        lambda: module.l2l_lstm_step(phi, grad, state, one, **{**attrs, "hidden2": -3}),
+        lambda: module.l2l_lstm_step(phi, grad, state, one, **{**attrs, "preprocess_param": -1.0}),
+        lambda: module.l2l_lstm_step(phi, grad, state, one, **{**attrs, "preprocess_param": float("nan")}),
+        lambda: module.l2l_lstm_step_grad(phi, grad, state, one, grad[:-1], state, **attrs),
+        lambda: module.l2l_lstm_step_grad(phi, grad, state, one, grad, state[:, :-1], **attrs),
+        lambda: module.l2l_lstm_step_grad(phi, grad, state, tf.constant(np.inf, tf.float32), grad, state, **attrs),
+    ]
+    for i, call in enumerate(bad_calls):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            call()
+            pytest.fail(f"bad call {i} did not raise")
+    # Shapes unknown at graph construction: the kernel's run-time checks.
+    f = tf.function(lambda p, g, s: module.l2l_lstm_step(p, g, s, one, **attrs),
+                    input_signature=[tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.float32),
+                                     tf.TensorSpec([None, None], tf.float32)])
+    for args in [(phi[:-1], grad, state), (phi, grad[:-1], state), (phi, grad, state[:-1])]:
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            f(*args)
+    f(phi, grad, state)  # and the good call works
+
+
+def test_python_wrapper_type_and_shape_errors():
+    _need_op()
+    cfg = StepConfig(7, 5, "paper")
+    rng = np.random.default_rng(6)
+    phi, grad, state = _inputs(rng, cfg, 20)
+    with pytest.raises(TypeError, match="grad must be float32, got float64"):
+        fused.lstm_step(phi, tf.cast(grad, tf.float64), state, 1.0, cfg)
+    with pytest.raises(TypeError, match="state must be float32"):
+        fused.lstm_step(phi, grad, state.numpy().astype(np.float64), 1.0, cfg)
+    with pytest.raises(ValueError, match="phi must have"):
+        fused.lstm_step(phi[:-1], grad, state, 1.0, cfg)
+    with pytest.raises(ValueError, match="rows"):
+        fused.lstm_step(phi, grad, state[:-1], 1.0, cfg)
+    with pytest.raises(ValueError, match="disagree"):
+        fused.lstm_step(phi, grad[:-1], state, 1.0, cfg)
+    with pytest.raises(ValueError, match="rank"):
+        fused.lstm_step(phi, grad[None], state, 1.0, cfg)
+    with pytest.raises(ValueError, match="finite"):
+        fused.lstm_step(phi, grad, state, float("inf"), cfg)
+
+
+def test_fused_unavailable_raises_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(fused, "load_error", lambda: "simulated: not built")
+    with pytest.raises(RuntimeError, match="simulated: not built"):
+        ops.check_implementation("fused")
+    cfg = StepConfig(7, 5, "paper")
+    rng = np.random.default_rng(7)
+    phi, grad, state = _inputs(rng, cfg, 10)
+    with pytest.raises(RuntimeError):
+        ops.lstm_step(phi, grad, state, 1.0, cfg, implementation="fused")
+    assert ops.resolve_implementation("auto") == "reference"
+    u, _ = ops.lstm_step(phi, grad, state, 1.0, cfg, implementation="auto")
+    np.testing.assert_array_equal(u.numpy(), reference.lstm_step(phi, grad, state, 1.0, cfg)[0].numpy())
+
+
+def test_inside_xla_compilation_detection():
+    seen = {}
+
+    @tf.function(jit_compile=True)
+    def jit(x):
+        seen["jit"] = fused.inside_xla_compilation()
+
+        @tf.function
+        def inner(y):
+            seen["nested"] = fused.inside_xla_compilation()
+            return y * 2
+        return inner(x)
+
+    @tf.function
+    def plain(x):
+        seen["plain"] = fused.inside_xla_compilation()
+        return x + 1
+
+    jit(tf.constant(1.0))
+    plain(tf.constant(1.0))
+    seen["eager"] = fused.inside_xla_compilation()
+    assert seen == {"jit": True, "nested": True, "plain": False, "eager": False}
+
+
+def test_inside_xla_compilation_in_keras_train_step():
+    import keras
+
+    class Probe(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.seen = []
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 1), initializer="ones")
+
+        def call(self, x):
+            self.seen.append(fused.inside_xla_compilation())
+            return x @ self.w
+
+    x = np.ones((8, 3), np.float32)
+    y = np.ones((8, 1), np.float32)
+    for jit in (True, False):
+        probe = Probe()
+        model = keras.Sequential([keras.Input((3,)), probe])
+        model.compile(optimizer="sgd", loss="mse", jit_compile=jit)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        assert probe.seen and probe.seen[-1] is jit, (jit, probe.seen)
+
+
+def test_auto_uses_reference_under_xla_and_runs_on_cpu():
+    cfg = StepConfig(20, 20, "paper")
+    rng = np.random.default_rng(8)
+    phi, grad, state = _inputs(rng, cfg, 500)
+    chosen = {}
+
+    @tf.function(jit_compile=True)
+    def step(p, g, s):
+        chosen["impl"] = ops.resolve_implementation("auto")
+        return ops.lstm_step(p, g, s, 0.1, cfg, implementation="auto")
+
+    with tf.device("/CPU:0"):
+        u, s = step(phi, grad, state)
+    assert chosen["impl"] == "reference"
+    ru, rs = reference.lstm_step(phi, grad, state, 0.1, cfg)
+    np.testing.assert_allclose(u.numpy(), ru.numpy(), rtol=1e-4, atol=1e-5)
+    if fused.available():
+        assert ops.resolve_implementation("auto") == "fused"
+
+        @tf.function(jit_compile=True)
+        def forced(p, g, s):
+            return ops.lstm_step(p, g, s, 0.1, cfg, implementation="fused")
+
+        with pytest.raises(RuntimeError, match="XLA"):
+            forced(phi, grad, state)
+
+
+def test_library_load_failure_is_reported(monkeypatch, tmp_path, caplog):
+    # A missing library: available() is False with the reason, and one log line says the pure-TF path is used.
+    monkeypatch.setattr(fused, "_loaded", False)
+    monkeypatch.setattr(fused, "_module", None)
+    monkeypatch.setattr(fused, "_error", None)
+    monkeypatch.setattr(fused, "library_path", lambda: str(tmp_path / "missing.so"))
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        assert not fused.available()
+        assert not fused.available()
+    assert "missing.so" in fused.load_error()
+    lines = [r for r in caplog.records if "pure-TensorFlow" in r.getMessage()]
+    assert len(lines) == 1

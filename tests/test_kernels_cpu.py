@@ -1,0 +1,192 @@
+"""The CPU kernels (csrc/lstm_step_cpu.cc) through the pybind11 module, against the float64 NumPy reference.
+
+Skips when the extension is not built (`pip install -e .`).
+"""
+import numpy as np
+import pytest
+
+from lstm_step_numpy import lstm_step_np as _lstm_step_np
+from lstm_step_numpy import num_params, preprocess_np
+
+try:
+    from l2l_tf import _kernels as K
+except ImportError as e:  # not built
+    pytest.skip(f"l2l_tf._kernels is not built ({e})", allow_module_level=True)
+
+def lstm_step_np(*args):
+    with np.errstate(over="ignore"):  # exp overflow in the float64 sigmoid of huge gates: exact limits
+        return _lstm_step_np(*args)
+
+
+MODES = [("none", 10.0), ("paper", 10.0), ("clamped", 5.0)]
+SIZES = [(20, 20), (7, 5)]
+
+
+def _grads(rng, n):
+    """Gradients of every kind: zeros, tiny (1e-30, subnormal), huge, both signs, random magnitudes."""
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-42, 1.4e-45, 1e30, -1e30, 3e38, -3e38, 1.0, -1.0,
+                        np.exp(-10.0) * 1.001, -np.exp(-10.0) * 0.999, np.exp(-5.0) * 1.01, -np.exp(-5.0) * 0.99],
+                       np.float32)
+    rand = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-12, 4, n)).astype(np.float32)
+    k = min(n, len(special))
+    rand[:k] = special[:k]
+    return rand
+
+
+def _inputs(rng, n, h1, h2, pre):
+    phi = (rng.standard_normal(num_params(h1, h2, pre)) * 0.4).astype(np.float32)
+    grad = _grads(rng, n)
+    state = (rng.standard_normal((2 * (h1 + h2), n)) * 0.6).astype(np.float32)
+    return phi, grad, state
+
+
+@pytest.mark.parametrize("pre,param", MODES)
+@pytest.mark.parametrize("h1,h2", SIZES)
+@pytest.mark.parametrize("n", [1000, 1536])
+def test_forward_matches_numpy(pre, param, h1, h2, n):
+    # 1000: rows not 64-byte aligned (ordinary stores), a padded partial chunk at the end;
+    # 1536: aligned rows (streaming stores), whole chunks.
+    rng = np.random.default_rng([len(pre), h1, h2, n])
+    phi, grad, state = _inputs(rng, n, h1, h2, pre)
+    update, new_state = K.forward_cpu(phi, grad, state, 0.1, h1, h2, pre, param)
+    assert update.dtype == np.float32 and update.shape == (n,)
+    assert new_state.dtype == np.float32 and new_state.shape == state.shape
+    ref_u, ref_s = lstm_step_np(phi, grad, state, 0.1, h1, h2, pre, param)
+    np.testing.assert_allclose(update, ref_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state, ref_s, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_num_params_and_small_n():
+    for pre, _ in MODES:
+        for h1, h2 in SIZES:
+            assert K.num_params(h1, h2, pre) == num_params(h1, h2, pre)
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 17, 256, 257):
+        phi, grad, state = _inputs(rng, n, 7, 5, "paper")
+        update, new_state = K.forward_cpu(phi, grad, state, 0.5, 7, 5, "paper", 3.0)
+        ref_u, ref_s = lstm_step_np(phi, grad, state, 0.5, 7, 5, "paper", 3.0)
+        np.testing.assert_allclose(update, ref_u, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new_state, ref_s, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_propagates_nan():
+    rng = np.random.default_rng(4)
+    phi, grad, state = _inputs(rng, 64, 7, 5, "none")
+    grad[5] = np.nan
+    update, new_state = K.forward_cpu(phi, grad, state, 1.0, 7, 5, "none")
+    assert np.isnan(update[5]) and np.isfinite(np.delete(update, 5)).all()
+
+
+def _loss64(phi, grad, state, scale, d_update, d_new_state, h1, h2, pre, param):
+    u, s = lstm_step_np(phi, grad, state, scale, h1, h2, pre, param)
+    return float(np.dot(u, d_update) + np.sum(s * d_new_state))
+
+
+def _smooth_grads(rng, n, pre, param):
+    """Gradients away from the preprocessing kinks, with both branches of 'paper' and 'clamped'."""
+    mag = 10.0 ** rng.uniform(-2.5, 1.0, n)
+    if pre == "paper":
+        mag[::3] = np.exp(-param) * rng.uniform(0.05, 0.7, len(mag[::3]))  # small branch
+    if pre == "clamped":
+        kink = np.exp(-param)
+        mag = np.where(np.abs(np.log(mag / kink)) < 0.3, mag * 3.0, mag)
+        mag[::3] = kink * rng.uniform(0.05, 0.6, len(mag[::3]))
+    return (rng.choice([-1.0, 1.0], n) * mag).astype(np.float32)
+
+
+@pytest.mark.parametrize("pre,param", [("none", 10.0), ("paper", 4.0), ("clamped", 2.0)])
+@pytest.mark.parametrize("h1,h2", SIZES)
+def test_backward_matches_finite_differences(pre, param, h1, h2):
+    rng = np.random.default_rng(7 + h1 + len(pre))
+    n, scale = 320, 0.7  # one whole (aligned, streaming-store) chunk and a partial one
+    phi = (rng.standard_normal(num_params(h1, h2, pre)) * 0.4).astype(np.float32)
+    grad = _smooth_grads(rng, n, pre, param)
+    state = (rng.standard_normal((2 * (h1 + h2), n)) * 0.6).astype(np.float32)
+    du = rng.standard_normal(n).astype(np.float32)
+    dns = rng.standard_normal(state.shape).astype(np.float32)
+    d_phi, d_grad, d_state = K.backward_cpu(phi, grad, state, scale, du, dns, h1, h2, pre, param)
+    assert d_phi.shape == phi.shape and d_grad.shape == grad.shape and d_state.shape == state.shape
+    args = {"phi": phi.astype(np.float64), "grad": grad.astype(np.float64), "state": state.astype(np.float64)}
+    got = {"phi": d_phi, "grad": d_grad, "state": d_state}
+    for name in ("phi", "grad", "state"):
+        flat = args[name].reshape(-1)
+        picks = rng.choice(flat.size, 10, replace=False)
+        if name == "phi":  # always include the output layer and a few of each block
+            picks = np.concatenate([picks, [flat.size - 1, flat.size - 2, 0]])
+        for idx in picks:
+            old = flat[idx]
+            eps = 1e-6 * max(1.0, abs(old))
+            flat[idx] = old + eps
+            plus = _loss64(args["phi"], args["grad"], args["state"], scale, du, dns, h1, h2, pre, param)
+            flat[idx] = old - eps
+            minus = _loss64(args["phi"], args["grad"], args["state"], scale, du, dns, h1, h2, pre, param)
+            flat[idx] = old
+            fd = (plus - minus) / (2 * eps)
+            value = got[name].reshape(-1)[idx]
+            tol = 2e-3 * abs(fd) + 2e-5 * np.abs(got[name]).max() + 1e-6
+            assert abs(value - fd) <= tol, (name, idx, value, fd)
+
+
+def test_backward_none_upstream_state_gradient_is_zero_gradient():
+    rng = np.random.default_rng(11)
+    phi, grad, state = _inputs(rng, 500, 7, 5, "clamped")
+    du = rng.standard_normal(500).astype(np.float32)
+    a = K.backward_cpu(phi, grad, state, 0.3, du, None, 7, 5, "clamped", 5.0)
+    b = K.backward_cpu(phi, grad, state, 0.3, du, np.zeros_like(state), 7, 5, "clamped", 5.0)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_thread_count_independence():
+    rng = np.random.default_rng(5)
+    n = 256 * 9 + 64  # aligned rows and a partial last chunk
+    phi, grad, state = _inputs(rng, n, 20, 20, "paper")
+    du = rng.standard_normal(n).astype(np.float32)
+    dns = rng.standard_normal(state.shape).astype(np.float32)
+    base_f = K.forward_cpu(phi, grad, state, 0.1, preprocess="paper", num_threads=1)
+    base_b = K.backward_cpu(phi, grad, state, 0.1, du, dns, preprocess="paper", num_threads=1)
+    for threads in (2, 3, 7, 0):
+        f = K.forward_cpu(phi, grad, state, 0.1, preprocess="paper", num_threads=threads)
+        b = K.backward_cpu(phi, grad, state, 0.1, du, dns, preprocess="paper", num_threads=threads)
+        for x, y in zip(f, base_f):
+            np.testing.assert_array_equal(x, y)  # per-coordinate outputs: bitwise
+        np.testing.assert_array_equal(b[1], base_b[1])
+        np.testing.assert_array_equal(b[2], base_b[2])
+        np.testing.assert_allclose(b[0], base_b[0], rtol=1e-4, atol=1e-4 * np.abs(base_b[0]).max())
+        b2 = K.backward_cpu(phi, grad, state, 0.1, du, dns, preprocess="paper", num_threads=threads)
+        np.testing.assert_array_equal(b2[0], b[0])  # deterministic for a fixed thread count
+
+
+def test_bad_inputs_raise_value_error():
+    rng = np.random.default_rng(6)
+    phi, grad, state = _inputs(rng, 10, 7, 5, "none")
+    with pytest.raises(ValueError, match="float32"):
+        K.forward_cpu(phi, grad.astype(np.float64), state, 1.0, 7, 5)
+    with pytest.raises(ValueError, match="phi"):
+        K.forward_cpu(phi[:-1], grad, state, 1.0, 7, 5)
+    with pytest.raises(ValueError, match="state"):
+        K.forward_cpu(phi, grad, state[:-1], 1.0, 7, 5)
+    with pytest.raises(ValueError, match="state"):
+        K.forward_cpu(phi, grad[:-1], state, 1.0, 7, 5)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.forward_cpu(phi, grad, np.asfortranarray(state), 1.0, 7, 5)
+    with pytest.raises(ValueError, match="preprocess"):
+        K.forward_cpu(phi, grad, state, 1.0, 7, 5, "bogus")
+    with pytest.raises(ValueError, match="preprocess_param"):
+        K.forward_cpu(phi, grad, state, 1.0, 7, 5, "paper", -1.0)
+    with pytest.raises(ValueError, match="scale"):
+        K.forward_cpu(phi, grad, state, float("nan"), 7, 5)
+    with pytest.raises(ValueError, match="hidden1"):
+        K.forward_cpu(phi, grad, state, 1.0, 0, 5)
+    with pytest.raises(ValueError, match="d_update"):
+        K.backward_cpu(phi, grad, state, 1.0, grad[:-1], None, 7, 5)
+    with pytest.raises(ValueError, match="d_new_state"):
+        K.backward_cpu(phi, grad, state, 1.0, grad, state[:, :-1], 7, 5)
+
+
+def test_preprocessing_reference_sanity():
+    # The NumPy reference's features for the special gradients are finite where they should be.
+    g = _grads(np.random.default_rng(0), 32)
+    for pre, param in MODES[1:]:
+        x = preprocess_np(g, pre, param)
+        assert np.isfinite(x).all()
