@@ -9,6 +9,7 @@
 #include <string>
 
 #include "lstm_step_cuda.h"
+#include "pybind_config.h"
 
 namespace py = pybind11;
 
@@ -22,27 +23,12 @@ const char* lstm_step_forward_cuda_variant(const StepConfig& cfg, int m_tiles, i
 
 namespace {
 
-Preprocess parse_preprocess(const std::string& name) {
-  if (name == "none") return Preprocess::kNone;
-  if (name == "paper") return Preprocess::kPaper;
-  if (name == "clamped") return Preprocess::kClamped;
-  throw py::value_error("preprocess must be 'none', 'paper' or 'clamped', got '" + name + "'");
-}
-
 GpuMath parse_math(const std::string& name) {
   if (name == "fp32") return GpuMath::kFP32;
   if (name == "tf32") return GpuMath::kTF32;
   throw py::value_error("math must be 'fp32' or 'tf32', got '" + name + "'");
 }
 
-StepConfig make_config(int hidden1, int hidden2, const std::string& preprocess, double preprocess_param) {
-  StepConfig cfg;
-  cfg.hidden1 = hidden1;
-  cfg.hidden2 = hidden2;
-  cfg.preprocess = parse_preprocess(preprocess);
-  cfg.preprocess_param = static_cast<float>(preprocess_param);
-  return cfg;
-}
 
 template <typename T>
 T* as_ptr(std::uintptr_t p) {
@@ -61,7 +47,7 @@ void register_cuda_bindings(py::module_& m) {
       [](std::uintptr_t phi, std::uintptr_t grad, std::uintptr_t state, float scale, int64_t n,
          std::uintptr_t update, std::uintptr_t new_state, int hidden1, int hidden2, const std::string& preprocess,
          double preprocess_param, const std::string& math, std::uintptr_t stream) {
-        const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+        const StepConfig cfg = parse_step_config(hidden1, hidden2, preprocess, preprocess_param);
         const GpuMath gm = parse_math(math);
         const char* msg;
         {
@@ -86,7 +72,7 @@ void register_cuda_bindings(py::module_& m) {
          std::uintptr_t d_update, std::uintptr_t d_new_state, std::uintptr_t d_phi, std::uintptr_t d_grad,
          std::uintptr_t d_state, int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
          std::uintptr_t stream) {
-        const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+        const StepConfig cfg = parse_step_config(hidden1, hidden2, preprocess, preprocess_param);
         const char* msg;
         {
           py::gil_scoped_release release;
@@ -110,7 +96,7 @@ void register_cuda_bindings(py::module_& m) {
       [](std::uintptr_t phi, std::uintptr_t grad, std::uintptr_t state, float scale, int64_t n,
          std::uintptr_t update, std::uintptr_t new_state, int hidden1, int hidden2, const std::string& preprocess,
          double preprocess_param, int m_tiles, int stages, int act, int warps, std::uintptr_t stream) {
-        const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+        const StepConfig cfg = parse_step_config(hidden1, hidden2, preprocess, preprocess_param);
         const char* msg;
         {
           py::gil_scoped_release release;

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "lstm_step.h"
+#include "pybind_config.h"
 
 namespace py = pybind11;
 
@@ -37,19 +38,8 @@ namespace {
 
 constexpr int64_t kSplitUnit = 256;  // thread ranges are multiples of this many coordinates
 
-Preprocess parse_preprocess(const std::string& name) {
-  if (name == "none") return Preprocess::kNone;
-  if (name == "paper") return Preprocess::kPaper;
-  if (name == "clamped") return Preprocess::kClamped;
-  throw py::value_error("preprocess must be 'none', 'paper' or 'clamped', got '" + name + "'");
-}
-
 StepConfig make_config(int hidden1, int hidden2, const std::string& preprocess, double preprocess_param) {
-  StepConfig cfg;
-  cfg.hidden1 = hidden1;
-  cfg.hidden2 = hidden2;
-  cfg.preprocess = parse_preprocess(preprocess);
-  cfg.preprocess_param = float(preprocess_param);
+  const StepConfig cfg = parse_step_config(hidden1, hidden2, preprocess, preprocess_param);
   if (const char* msg = validate_config(cfg)) throw py::value_error(msg);
   return cfg;
 }
