@@ -146,3 +146,20 @@ def test_tensorboard_scalars_and_export(tmp_path):
     rule, phi, metadata = load_phi(str(tmp_path / "phi.npz"))
     assert rule == SMALL_RULE and metadata["epochs"] == 2
     np.testing.assert_array_equal(phi.numpy(), trainer.best_phi)
+
+
+@pytest.mark.parametrize("second_derivatives", [False, True])
+def test_meta_gradient_through_the_fused_op_matches_the_reference(second_derivatives):
+    from l2l_tf import ops
+    if not ops.fused_available():
+        pytest.skip("the fused op library is not built")
+    family = QuadraticFamily(batch_size=8, num_dims=5)
+    rule = LSTMUpdateRule(preprocess="paper", output_scale=0.1, implementation="reference")
+    phi = tf.constant(np.random.default_rng(4).normal(0, 0.3, rule.num_params), tf.float32)
+    results = [meta_gradient(MetaTrainer(rule.replace(implementation=impl), family, num_steps=10, unroll_length=10,
+                                         second_derivatives=second_derivatives), phi)
+               for impl in ("reference", "fused")]
+    (loss_ref, grad_ref), (loss_fused, grad_fused) = results
+    np.testing.assert_allclose(float(loss_fused), float(loss_ref), rtol=1e-5)
+    np.testing.assert_allclose(grad_fused.numpy(), grad_ref.numpy(), rtol=1e-3,
+                               atol=1e-4 * float(tf.reduce_max(tf.abs(grad_ref))))
