@@ -163,8 +163,7 @@ def main(argv):
     if FLAGS.num_epochs > 0:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
                                   [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size)
-        trainer = MetaTrainer(
-                              rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
+        trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                               loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps),
                               second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
                               clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
