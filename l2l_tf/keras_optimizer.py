@@ -37,24 +37,6 @@ def available_pretrained():
     return sorted(p.stem for p in directory.glob("*.npz") if p.is_file())
 
 
-def _read_phi_file(path):
-    """load_phi with every failure mode mapped to FileNotFoundError (missing) or ValueError (unusable)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"φ file {path!r} is a directory, not an .npz written by save_phi")
-    try:
-        return load_phi(path)
-    except FileNotFoundError:
-        raise
-    except ValueError as error:
-        if path in str(error):
-            raise
-        raise ValueError(f"{path!r} is not a usable φ file written by save_phi ({error})") from error
-    except Exception as error:  # e.g. a .npy file (np.load returns an array, not an archive)
-        raise ValueError(f"{path!r} is not a φ file written by save_phi ({type(error).__name__}: {error})") \
-            from error
-
-
 def _standardize_state_dtype(state_dtype):
     try:
         name = keras.backend.standardize_dtype(state_dtype)
@@ -172,7 +154,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         if phi is None:
             return np.asarray(rule.init_phi(phi_seed)), {}
         if isinstance(phi, (str, os.PathLike)):
-            file_rule, value, metadata = _read_phi_file(phi)
+            file_rule, value, metadata = load_phi(phi)
             diffs = _rule_mismatch(file_rule, rule)
             if diffs:
                 raise ValueError(
@@ -202,7 +184,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         arguments (hidden1, hidden2, preprocess, preprocess_param, output_scale) may be given but must equal the
         file's: φ is only meaningful with the rule it was trained with.
         """
-        file_rule, _, _ = _read_phi_file(path)
+        file_rule, _, _ = load_phi(path)
         config = {field: getattr(file_rule, field) for field in _RULE_FIELDS}
         config.update(kwargs)
         return cls(phi=path, **config)

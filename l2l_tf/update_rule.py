@@ -146,8 +146,11 @@ def load_phi(path):
 
     Raises FileNotFoundError for a missing file and ValueError naming what is wrong for a bad one.
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no φ file at {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a φ file written by save_phi")
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from l2l_tf import LearnedOptimizer, LSTMOptimizerState, LSTMUpdateRule, save_phi
+from l2l_tf import LearnedOptimizer, LSTMOptimizerState, LSTMUpdateRule, load_phi, save_phi
 from l2l_tf import keras_optimizer as ko
 from l2l_tf.ops import fused, reference
 from lstm_step_numpy import lstm_step_np
@@ -695,7 +695,7 @@ def test_readme_scenario_fit_save_load_continue(tmp_path):
     loaded = keras.models.load_model(tmp_path / "readme.keras")
     for a, b in zip(optimizer_values(model.optimizer), optimizer_values(loaded.optimizer)):
         np.testing.assert_array_equal(a, b)
-    _, shipped_phi, _ = ko._read_phi_file(QUADRATIC)
+    _, shipped_phi, _ = load_phi(QUADRATIC)
     np.testing.assert_array_equal(loaded.optimizer.phi.numpy(), shipped_phi.numpy())
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
