@@ -53,6 +53,9 @@ flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global nor
 flags.DEFINE_enum("loss_weights", "uniform", ["uniform", "rising"],
                   "Meta-loss weights w_t: uniform (paper: w_t = 1) or rising (w_t = max(1, t/10), so that the late, "
                   "small losses count as much as the early ones); validation uses the same weights.")
+flags.DEFINE_enum("meta_loss", "sum", ["sum", "log"],
+                  "Per-step meta-objective: sum (paper: Σ w_t f(θ_t)) or log (Σ w_t log f(θ_t)).")
+flags.DEFINE_float("output_init_gain", 1.0, "Multiplies the initial output-layer weights of a fresh φ.")
 flags.DEFINE_bool("second_derivatives", False, "Backpropagate through the optimizee gradient.")
 flags.DEFINE_integer("validation_every", 50, "Validate (and checkpoint) every this many epochs.")
 flags.DEFINE_integer("num_validation_problems", 10, "Held-out problems for early stopping and baseline tuning.")
@@ -158,13 +161,13 @@ def main(argv):
     else:
         rule = LSTMUpdateRule(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess, output_scale=FLAGS.output_scale,
                               implementation=FLAGS.implementation)
-        phi = None
+        phi = rule.init_phi(FLAGS.seed, output_gain=FLAGS.output_init_gain)
     summary = {"data_source": FLAGS.data_source, "rule": rule.get_config()}
     if FLAGS.num_epochs > 0:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
                                   [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size)
         trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
-                              loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps),
+                              loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps), meta_loss=FLAGS.meta_loss,
                               second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
                               clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
                               validation_family=families["validation"])
@@ -177,6 +180,7 @@ def main(argv):
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
                         activation=FLAGS.activation, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                         learning_rate=FLAGS.learning_rate, loss_weights=FLAGS.loss_weights,
+                        meta_loss=FLAGS.meta_loss, output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:
@@ -186,7 +190,7 @@ def main(argv):
               f"{trainer.skipped_steps} skipped meta-steps, {train_seconds:.0f} s this run")
         summary.update(epochs=trainer.epoch, best_validation=trainer.best_validation,
                        skipped_meta_steps=trainer.skipped_steps, train_seconds_this_run=train_seconds)
-    elif phi is None:
+    elif not FLAGS.phi:
         raise app.UsageError("--num_epochs=0 needs --phi=FILE (a φ to evaluate)")
 
     writer = tf.summary.create_file_writer(os.path.join(logdir, "test"))

@@ -20,6 +20,10 @@ from l2l_tf.problems import seeds_for
 from l2l_tf.update_rule import LSTMUpdateRule, save_phi
 
 
+# Per-step meta-objective of f(θ_t). The log's floor keeps it finite when a loss reaches exactly zero.
+META_LOSSES = {"sum": lambda loss: loss, "log": lambda loss: tf.math.log(tf.maximum(loss, 1e-12))}
+
+
 class MetaTrainer:
     """Truncated-BPTT meta-trainer of an `LSTMUpdateRule` on a `ProblemFamily`.
 
@@ -29,6 +33,8 @@ class MetaTrainer:
         num_steps: optimizee steps per problem, T (paper: 100).
         unroll_length: steps per truncated unroll, K (paper: 20); must divide T.
         loss_weights: w_1..w_T of the meta-loss (default all 1).
+        meta_loss: "sum" (paper: Σ_t w_t f(θ_t)) or "log" (Σ_t w_t log f(θ_t), which values a halving of a small
+            late loss as much as one of the large early loss; validation then uses the same objective).
         second_derivatives: keep ∂∇f/∂φ (False: stop-gradient on the optimizee gradient, as in the paper).
         learning_rate: Adam learning rate on φ (release: 1e-3).
         clip_norm: clip the meta-gradient to this global norm (None: no clipping).
@@ -39,8 +45,8 @@ class MetaTrainer:
     """
 
     def __init__(self, rule: LSTMUpdateRule, family, *, num_steps=100, unroll_length=20, loss_weights=None,
-                 second_derivatives=False, learning_rate=1e-3, clip_norm=None, jit_compile=False, phi=None, seed=0,
-                 validation_family=None):
+                 meta_loss="sum", second_derivatives=False, learning_rate=1e-3, clip_norm=None, jit_compile=False,
+                 phi=None, seed=0, validation_family=None):
         if num_steps % unroll_length:
             raise ValueError(f"unroll_length ({unroll_length}) must divide num_steps ({num_steps})")
         self.rule, self.family = rule, family
@@ -49,6 +55,9 @@ class MetaTrainer:
         if weights.shape != (num_steps,):
             raise ValueError(f"loss_weights must have {num_steps} entries (one per step), got {weights.shape}")
         self.loss_weights = tf.constant(weights, tf.float32)
+        if meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {sorted(META_LOSSES)}, got {meta_loss!r}")
+        self.meta_loss = meta_loss
         self.second_derivatives = bool(second_derivatives)
         self.seed = int(seed)
         initial = rule.init_phi(seed) if phi is None else tf.convert_to_tensor(phi, tf.float32)
@@ -73,14 +82,17 @@ class MetaTrainer:
         for k in range(self.unroll_length):
             loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start_step + k)
             if k > 0:
-                total += weights[k - 1] * loss
+                total += weights[k - 1] * self._objective(loss)
             if not self.second_derivatives:
                 grads = [tf.stop_gradient(g) for g in grads]
             updates, lstm_state = rule.step(phi, grads, lstm_state)
             params = tuple(p + u for p, u in zip(params, updates))
         final_loss, _ = family.loss(params, extra, data, start_step + self.unroll_length)
-        total += weights[self.unroll_length - 1] * final_loss
+        total += weights[self.unroll_length - 1] * self._objective(final_loss)
         return total, (params, extra, lstm_state)
+
+    def _objective(self, loss):
+        return META_LOSSES[self.meta_loss](loss)
 
     def meta_gradient(self, phi, params, extra, lstm_state, data, start_step):
         """(meta-loss, dL/dφ, carry) of one unroll."""
@@ -118,8 +130,12 @@ class MetaTrainer:
         return float(np.mean(losses))
 
     def validate(self, seeds):
-        """The meta-objective on the validation problems: mean over problems of Σ_t w_t f(θ_t) / Σ_t w_t, t = 1..T."""
+        """The meta-objective on the validation problems: mean over problems of Σ_t w_t f(θ_t) / Σ_t w_t, t = 1..T
+        (log f(θ_t) with meta_loss="log")."""
         losses = self.validation_evaluator.losses(baselines.learned(self.rule), {"phi": self.phi}, seeds)
+        if self.meta_loss == "log":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                losses = np.log(losses)
         weights = self.loss_weights.numpy().astype(np.float64)
         value = float(np.mean(losses[:, 1:] @ weights) / weights.sum())
         return value if math.isfinite(value) else math.inf
@@ -184,7 +200,8 @@ class MetaTrainer:
                       state=json.dumps({"epoch": self.epoch, "skipped_steps": self.skipped_steps,
                                         "best_validation": self.best_validation, "seed": self.seed,
                                         "rule": self.rule.get_config(), "num_steps": self.num_steps,
-                                        "unroll_length": self.unroll_length}))
+                                        "unroll_length": self.unroll_length,
+                                        "meta_loss": self.meta_loss}))
         atomic_write(self.checkpoint_path(directory), lambda f: np.savez(f, **arrays))
 
     def restore(self, directory):
@@ -192,7 +209,8 @@ class MetaTrainer:
         with np.load(self.checkpoint_path(directory), allow_pickle=False) as data:
             state = json.loads(str(data["state"]))
             if state["rule"] != self.rule.get_config() or state["num_steps"] != self.num_steps \
-                    or state["unroll_length"] != self.unroll_length:
+                    or state["unroll_length"] != self.unroll_length \
+                    or state.get("meta_loss", "sum") != self.meta_loss:
                 raise ValueError(f"checkpoint in {directory!r} was written by another configuration: {state}")
             self.phi.assign(data["phi"])
             for i, variable in enumerate(self.optimizer.variables):

@@ -73,14 +73,21 @@ class LSTMUpdateRule:
         return dataclasses.replace(self, **changes)
 
     # ---- φ ----
-    def init_phi(self, seed=0):
-        """A fresh float32 [P] φ: truncated-normal weights with std 1/√fan_in, zero biases, forget-gate bias 1."""
+    def init_phi(self, seed=0, output_gain=1.0):
+        """A fresh float32 [P] φ: truncated-normal weights with std 1/√fan_in, zero biases, forget-gate bias 1.
+
+        `output_gain` multiplies the output layer's weights: below 1 the untrained rule starts with smaller steps
+        (e.g. 0.1 makes output_scale 0.1 start like output_scale 0.01), while the trained rule may still take
+        steps as large as `output_scale` allows.
+        """
         rng = np.random.default_rng(seed)
         pieces = []
         for name, shape in self.step_config.param_shapes:
             if name.startswith("w"):
                 fan_in = shape[-1]
                 value = np.clip(rng.standard_normal(shape), -2.0, 2.0) / math.sqrt(fan_in)
+                if name == "wo":
+                    value = value * float(output_gain)
             else:
                 value = np.zeros(shape)
                 if name in ("b1", "b2"):  # gate order i, f, g, o: the forget gate is the second quarter

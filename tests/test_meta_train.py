@@ -79,6 +79,37 @@ def test_meta_loss_weights_and_unroll_count():
         MetaTrainer(rule, family, num_steps=10, unroll_length=3)
 
 
+def test_log_meta_loss_sums_log_losses_and_validates_on_them():
+    family = QuadraticFamily(batch_size=4, num_dims=3)
+    rule = SMALL_RULE.replace(output_scale=0.0)  # θ never moves: every f(θ_t) equals f(θ_0)
+    f0 = float(family.loss(family.sample(0).params, (), family.sample(0).data, 0)[0])
+    weights = np.arange(1, 11, dtype=np.float32)
+    trainer = MetaTrainer(rule, family, num_steps=10, unroll_length=5, loss_weights=weights, meta_loss="log")
+    np.testing.assert_allclose(float(unroll_loss(trainer, rule.init_phi())), np.log(f0) * weights[:5].sum(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(trainer.validate([0]), np.log(f0), rtol=1e-5)
+    with pytest.raises(ValueError, match="meta_loss"):
+        MetaTrainer(rule, family, num_steps=10, unroll_length=5, meta_loss="mean")
+
+
+def test_log_meta_gradient_is_the_chain_rule_of_the_sum():
+    """d Σ log f_t / dφ = Σ (1/f_t) d f_t / dφ: with one step per unroll, log's gradient is sum's divided by f_1."""
+    family = QuadraticFamily(batch_size=4, num_dims=3)
+    phi = tf.constant(np.random.default_rng(5).normal(0, 0.5, SMALL_RULE.num_params), tf.float32)
+    trainers = {kind: MetaTrainer(SMALL_RULE, family, num_steps=1, unroll_length=1, meta_loss=kind)
+                for kind in ("sum", "log")}
+    (f1, grad_sum), (log_f1, grad_log) = (meta_gradient(trainers[k], phi) for k in ("sum", "log"))
+    np.testing.assert_allclose(float(log_f1), np.log(float(f1)), rtol=1e-5)
+    np.testing.assert_allclose(grad_log.numpy(), grad_sum.numpy() / float(f1), rtol=1e-4, atol=1e-7)
+
+
+def test_checkpoint_of_another_meta_loss_is_refused(tmp_path):
+    family = QuadraticFamily(batch_size=4, num_dims=3)
+    MetaTrainer(SMALL_RULE, family, num_steps=4, unroll_length=2).save(str(tmp_path))
+    with pytest.raises(ValueError, match="another configuration"):
+        MetaTrainer(SMALL_RULE, family, num_steps=4, unroll_length=2, meta_loss="log").restore(str(tmp_path))
+
+
 def test_non_finite_meta_gradient_is_skipped_and_counted():
     trainer = MetaTrainer(SMALL_RULE, NaNFamily(batch_size=4, num_dims=3), num_steps=8, unroll_length=4)
     before = trainer.phi.numpy().copy()

@@ -97,6 +97,15 @@ def test_init_phi_forget_bias_and_determinism():
     assert not np.array_equal(rule.init_phi(7).numpy(), rule.init_phi(8).numpy())
 
 
+def test_init_phi_output_gain_scales_only_the_output_layer():
+    rule = LSTMUpdateRule()
+    plain, small = rule.named_phi(rule.init_phi(3)), rule.named_phi(rule.init_phi(3, output_gain=0.1))
+    for name in ("w1", "b1", "w2", "b2", "bo"):
+        np.testing.assert_array_equal(small[name].numpy(), plain[name].numpy())
+    np.testing.assert_allclose(small["wo"].numpy(), 0.1 * plain["wo"].numpy(), rtol=1e-6)
+    assert np.any(plain["wo"].numpy() != 0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="implementation"):
         LSTMUpdateRule(implementation="cuda")
