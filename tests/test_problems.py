@@ -77,3 +77,23 @@ def test_keras_adapter_inputs():
         KerasModelFamily(mlp, x, "mse")
     with pytest.raises(ValueError, match="empty"):
         KerasModelFamily(mlp, tf.data.Dataset.from_tensor_slices((x[:0], y[:0])), "mse")
+
+
+def test_examples_per_problem_draws_a_seeded_subset_per_problem():
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)  # row i holds (2i, 2i + 1): rows are identifiable
+    y = np.arange(20, dtype=np.int64)
+    family = KerasModelFamily(mlp, (x, y), "mse", examples_per_problem=6)
+    subsets = {seed: family.sample(seed).data[1].numpy() for seed in (0, 1)}
+    for seed, labels in subsets.items():
+        assert len(labels) == 6 and len(set(labels)) == 6                      # without replacement
+        np.testing.assert_array_equal(family.sample(seed).data[0].numpy(), x[labels])  # images match labels
+        np.testing.assert_array_equal(family.sample(seed).data[1].numpy(), labels)     # seeded
+    assert not np.array_equal(subsets[0], subsets[1])
+    # minibatches only come from the problem's subset
+    batch_x, _ = family.minibatch(family.sample(0).data, tf.constant(3))
+    assert set(batch_x.numpy()[:, 0] // 2) <= set(subsets[0])
+    # the whole data set when the subset is as large as it
+    whole = KerasModelFamily(mlp, (x, y), "mse", examples_per_problem=20)
+    np.testing.assert_array_equal(whole.sample(0).data[1].numpy(), y)
+    with pytest.raises(ValueError, match="examples_per_problem"):
+        KerasModelFamily(mlp, (x, y), "mse", examples_per_problem=21)
