@@ -18,6 +18,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -52,6 +53,9 @@ flags.DEFINE_integer("num_epochs", 1000, "Meta-training epochs (one fresh proble
 flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem during meta-training, T.")
 flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
+flags.DEFINE_enum("meta_lr_decay", "none", ["none", "cosine"],
+                  "Schedule of the meta learning rate over the --num_epochs meta-updates: constant, or cosine decay "
+                  "to a tenth of --learning_rate.")
 flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global norm.")
 flags.DEFINE_enum("loss_weights", "uniform", ["uniform", "rising"],
                   "Meta-loss weights w_t: uniform (paper: w_t = 1) or rising (w_t = max(1, t/10), so that the late, "
@@ -74,6 +78,13 @@ flags.DEFINE_string("export", None, "Also copy the trained φ to this path (e.g.
 def loss_weights(kind, num_steps):
     t = np.arange(1, num_steps + 1, dtype=np.float64)
     return np.ones(num_steps) if kind == "uniform" else np.maximum(1.0, t / 10.0)
+
+
+def meta_learning_rate():
+    if FLAGS.meta_lr_decay == "none":
+        return FLAGS.learning_rate
+    meta_updates = FLAGS.num_epochs * (FLAGS.num_steps // FLAGS.unroll_length)
+    return keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, decay_steps=meta_updates, alpha=0.1)
 
 
 def load_splits():
@@ -173,7 +184,7 @@ def main(argv):
                                   examples_per_problem=FLAGS.examples_per_problem)
         trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                               loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps), meta_loss=FLAGS.meta_loss,
-                              second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
+                              second_derivatives=FLAGS.second_derivatives, learning_rate=meta_learning_rate(),
                               clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
                               validation_family=families["validation"])
         train_started = time.time()
@@ -185,7 +196,7 @@ def main(argv):
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
                         activation=FLAGS.activation, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                         learning_rate=FLAGS.learning_rate, loss_weights=FLAGS.loss_weights,
-                        meta_loss=FLAGS.meta_loss, examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
+                        meta_lr_decay=FLAGS.meta_lr_decay, meta_loss=FLAGS.meta_loss, examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:

@@ -20,8 +20,12 @@ from l2l_tf.problems import seeds_for
 from l2l_tf.update_rule import LSTMUpdateRule, save_phi
 
 
-# Per-step meta-objective of f(θ_t). The log's floor keeps it finite when a loss reaches exactly zero.
-META_LOSSES = {"sum": lambda loss: loss, "log": lambda loss: tf.math.log(tf.maximum(loss, 1e-12))}
+def _log_loss(loss):
+    return tf.math.log(tf.maximum(loss, 1e-12))  # the floor keeps it finite when a loss reaches exactly zero
+
+
+# Per-step meta-objective of f(θ_t).
+META_LOSSES = {"sum": tf.identity, "log": _log_loss}
 
 
 class MetaTrainer:
@@ -36,7 +40,8 @@ class MetaTrainer:
         meta_loss: "sum" (paper: Σ_t w_t f(θ_t)) or "log" (Σ_t w_t log f(θ_t), which values a halving of a small
             late loss as much as one of the large early loss; validation then uses the same objective).
         second_derivatives: keep ∂∇f/∂φ (False: stop-gradient on the optimizee gradient, as in the paper).
-        learning_rate: Adam learning rate on φ (release: 1e-3).
+        learning_rate: Adam learning rate on φ (release: 1e-3): a float or a
+            `keras.optimizers.schedules.LearningRateSchedule` of the meta-update count (restored with checkpoints).
         clip_norm: clip the meta-gradient to this global norm (None: no clipping).
         jit_compile: compile each unroll with XLA (the step then uses the pure-TF path).
         phi: initial φ (default `rule.init_phi(seed)`).
