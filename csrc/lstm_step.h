@@ -54,32 +54,7 @@ const char* validate_config(const StepConfig& cfg);
 // the caller splits the range across threads (the TF op with its thread pool, pybind11 with std::thread).
 void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad,
                            const float* state, float scale, int64_t n, int64_t begin, int64_t end,
-                           float* update, float* new_state);  // = lstm_step_forward_cpu_isa(kAuto)
-
-// Which implementation of the CPU forward runs (lstm_step_forward_cpu_isa; the result names the one that ran):
-//   kAuto      the portable kernel (what lstm_step_forward_cpu, so the TF op and the pybind11 module by default,
-//              run). The AMX kernel is not chosen automatically: as it stands it is slower than the portable
-//              one (measurements in lstm_step_cpu.cc, lstm_step_forward_cpu_isa).
-//   kPortable  the portable vector kernel (AVX-512 / AVX2 / SSE / generic, by the -march of the build), fp32 GEMMs.
-//   kAmx       the AMX-BF16 kernel where it can run, else the portable one (opt-in, for tests and experiments;
-//              pybind11: forward_cpu(..., isa="amx")).
-// The AMX kernel (forward only) needs a CPU with AMX-TILE, AMX-BF16 and AVX-512 F/DQ/BW/VL/BF16 (checked by CPUID
-// and XCR0 at run time, plus the Linux permission for tile data, requested once per process), the sizes
-// D + hidden1 <= 42, hidden1 + hidden2 <= 42, hidden1, hidden2 <= 20 (20/20 and 7/5 fit; 40/20 does not), and a
-// finite phi. Its gate GEMMs are "bf16x6" (three-way bf16 splits, fp32 accumulation): as accurate as the fp32
-// GEMMs; its results agree with the portable kernel to ~1e-6 (see lstm_step_cpu.cc). NaN / inf gradients or
-// h states make it hand those 16-coordinate blocks to the portable kernel (identical results there). The
-// environment variable L2L_TF_DISABLE_AMX=1 (read once per process) turns it off (kAmx then runs the portable
-// kernel; lstm_step_cpu_amx_available() is false).
-enum class CpuIsa : int32_t { kAuto = 0, kPortable = 1, kAmx = 2 };
-
-CpuIsa lstm_step_forward_cpu_isa(const StepConfig& cfg, CpuIsa isa, const float* phi, const float* grad,
-                                 const float* state, float scale, int64_t n, int64_t begin, int64_t end,
-                                 float* update, float* new_state);
-// True when this CPU / OS / build can run the AMX kernel and L2L_TF_DISABLE_AMX is not set ...
-bool lstm_step_cpu_amx_available();
-// ... and, in addition, when cfg fits it.
-bool lstm_step_cpu_amx_supported(const StepConfig& cfg);
+                           float* update, float* new_state);
 
 // Backward of the forward above, recomputing the forward activations (nothing saved).
 // d_new_state may be nullptr (zero upstream gradient). d_grad and d_state are written for

@@ -53,11 +53,6 @@
 
 #include "lstm_step.h"
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #if defined(__SSE2__)
 // GCC 12 warns about the deliberately undefined pass-through operand inside the AVX-512 min/max intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -461,8 +456,11 @@ class Kernel {
         fwd_chunk<false>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
         nt_ = false;
       } else {
-        stage_in(grad + c0, state + c0, n, cnt);
-        fwd_chunk<false>(gs_, sts_, kLd, us_, nss_, kLd);
+        // A partial chunk: only the sub-blocks holding its columns (a call for a 20-coordinate bias then costs
+        // one sub-block, not a whole chunk).
+        const int cols = int(round_up(cnt, kSub));
+        stage_in(grad + c0, state + c0, n, cnt, cols);
+        fwd_chunk<false>(gs_, sts_, kLd, us_, nss_, kLd, cols);
         std::memcpy(update + c0, us_, sizeof(float) * cnt);
         for (int r = 0; r < S_; ++r)
           std::memcpy(new_state + r * n + c0, nss_ + int64_t(r) * kLd, sizeof(float) * cnt);
@@ -526,12 +524,13 @@ class Kernel {
     }
   }
 
-  void stage_in(const float* g, const float* st, int64_t ld, int64_t cnt) {
-    std::memset(gs_, 0, sizeof(float) * kLd);
+  // Copies cnt columns of grad and state into the staging rows, zero-padded to `pad` columns.
+  void stage_in(const float* g, const float* st, int64_t ld, int64_t cnt, int64_t pad = kLd) {
+    std::memset(gs_, 0, sizeof(float) * pad);
     std::memcpy(gs_, g, sizeof(float) * cnt);
     for (int r = 0; r < S_; ++r) {
       float* row = sts_ + int64_t(r) * kLd;
-      std::memset(row, 0, sizeof(float) * kLd);
+      std::memset(row, 0, sizeof(float) * pad);
       std::memcpy(row, st + r * ld, sizeof(float) * cnt);
     }
   }
@@ -611,21 +610,23 @@ class Kernel {
     }
   }
 
-  // ---- forward of one chunk of kChunk coordinates. st/ns: first row of the chunk, rows lds/ldn apart.
-  // kBwd: keep the activations in act1_/act2_ (and h1' in in2_) instead of writing outputs.
+  // ---- forward of one chunk of kChunk coordinates (of its first `cols`, a multiple of kSub). st/ns: first row of
+  // the chunk, rows lds/ldn apart. kBwd: keep the activations in act1_/act2_ (and h1' in in2_) instead of writing
+  // outputs.
   template <bool kBwd>
-  void fwd_chunk(const float* __restrict g, const float* st, int64_t lds, float* up, float* ns, int64_t ldn) {
-    for (int col = 0; col < kChunk; col += kW) {
+  void fwd_chunk(const float* __restrict g, const float* st, int64_t lds, float* up, float* ns, int64_t ldn,
+                 int cols = kChunk) {
+    for (int col = 0; col < cols; col += kW) {
       vf f0, f1;
       preprocess(loadu(g + col), &f0, &f1);
       store(in1_ + col, f0);
       if (D_ == 2) store(in1_ + kLd + col, f1);
     }
-    for (int r = 0; r < H1_; ++r) std::memcpy(in1_ + int64_t(D_ + r) * kLd, st + r * lds, sizeof(float) * kChunk);
+    for (int r = 0; r < H1_; ++r) std::memcpy(in1_ + int64_t(D_ + r) * kLd, st + r * lds, sizeof(float) * cols);
     for (int r = 0; r < H2_; ++r)
-      std::memcpy(in2_ + int64_t(H1_ + r) * kLd, st + (2 * int64_t(H1_) + r) * lds, sizeof(float) * kChunk);
+      std::memcpy(in2_ + int64_t(H1_ + r) * kLd, st + (2 * int64_t(H1_) + r) * lds, sizeof(float) * cols);
 
-    for (int s = 0; s < kChunk; s += kSub) {
+    for (int s = 0; s < cols; s += kSub) {
       // Layer 1.
       gates(wp1_, bp1_, in1_ + s, K1_, H1_, gbuf_);
       for (int j = 0; j < H1_; ++j) {
@@ -904,622 +905,13 @@ class Kernel {
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
 };
 
-// =========================================================================================================
-// AMX-BF16 forward (x86-64 CPUs with AMX-TILE, AMX-BF16 and AVX-512 F/DQ/BW/VL/BF16, e.g. Sapphire Rapids;
-// chosen at run time, so the functions below carry their own target attributes and the file builds for any
-// -march). The gate GEMMs run on the tile unit, everything else in AVX-512.
-//
-// Precision ("bf16x6"): a GEMM input u (fp32) is split exactly into three bf16 by truncation, u = u0 + u1 + u2
-// (u0 = the top 16 bits of u, u1 = those of u - u0, u2 = the rest, at most 8 significant bits), a weight w
-// (scaled, see below) into three by rounding to nearest, w = w0 + w1 + w2 (+ < 2^-26 |w|), and the gate sums are
-// z = sum of w0 u0, w0 u1, w1 u0, w0 u2, w1 u1, w2 u0 (all products of order <= 2) with fp32 accumulation on the
-// tile unit: the dropped products are < 2^-22 |w u|, so z is about as accurate as the fp32 GEMM of the portable
-// kernel (bf16x3, two pieces each, would only give ~2^-17 relative per product: gate errors ~1e-4 at |z| ~ 4).
-// The tile unit flushes bf16 and fp32 subnormals to zero: absolute errors < 1e-37.
-// The six products are one GEMM over a concatenated K: with K' = K rounded up to even, B column (per coordinate)
-// = [u0 | u1 | u2 | u0 | u1 | u0 | 1 1 1 0 | 0...], A row (per gate row) = [w0 | w0 | w0 | w1 | w1 | w2 |
-// b0 b1 b2 0 | 0...], 3 K' + 2 bf16 pairs: 5 K tiles for layer 1 at 20/20 (K = D + H1 = 22), 8 for layer 2
-// (K = 40); K' <= 42 fits 8. Gate rows are 16-row M tiles (80 rows = 5 tiles, at most 5), the 16 coordinates
-// of a block the N dimension: a C tile stored to a scratch gives one zmm per gate row, read by the vector code.
-//
-// Activations: the weights and biases of the sigmoid gates (i, f, o) are pre-scaled by -log2(e) and those of
-// the g gate by -2 log2(e), so the GEMM gives y = log2 of exp(-z) (exp(-2 z) for g) directly;
-// E(y) = 2^min(y, 40) (vreduce + degree-5 polynomial + vscalef, relative error < 1.5e-7); then with
-// a = 1 + E_f, b = (1 + E_i)(1 + E_g), r = 1 / (a b) (rcp14 + Newton):
-//   c' = sigmoid(f) c + sigmoid(i) tanh(g) = c (b r) + (1 - E_g) (a r)          (one reciprocal for three)
-//   h' = sigmoid(o) tanh(c') = (1 - E_c) / ((1 + E_o)(1 + E_c)),  E_c = E(-2 log2(e) c')
-// The cap 40 bounds a b by 2^120 (no overflow for any c) and moves sigmoid / tanh by < 2e-12 absolute; tanh
-// via exponentials is accurate to ~2e-7 absolute near 0 (relative there for the portable rational form).
-//
-// Opt-in only (CpuIsa::kAmx): slower than the portable kernel as it stands, see lstm_step_forward_cpu_isa.
-//
-// Work unit: blocks of 16 coordinates, software-pipelined so that the tile unit runs the GEMMs of other blocks
-// while the vector units do activations: iteration i stages block i+1 (preprocessing, split of its layer-1
-// inputs, check), then runs the layer-1 activations of block i (ending with the split of its layer-2 inputs)
-// with the layer-2 GEMM of block i-1 issued a step at a time between the units, then the layer-2 activations of
-// block i-1 with the layer-1 GEMM of block i+1 interleaved likewise. (Issued as one burst, the dependent tile
-// operations hold the reorder buffer and the vector work waits behind them.) Non-finite GEMM inputs (x, h1, h2
-// rows: a NaN / inf gradient or state) are found while staging, before anything of the block is written, and
-// the portable kernel does that block: such inputs give exactly the portable results. A partial last block
-// is staged through zero-padded local rows.
-#if defined(__x86_64__) && \
-    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define L2L_HAVE_AMX 1
-#else
-#define L2L_HAVE_AMX 0
-#endif
-
-#if L2L_HAVE_AMX
-#define L2L_AMX_TARGET \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma,bmi,bmi2")))
-#define L2L_AMX_INLINE inline __attribute__((always_inline)) L2L_AMX_TARGET
-
-constexpr int kAmxMaxK = 42;       // K' <= 42: 3 K' + 2 <= 128 bf16 pairs = 8 K tiles
-constexpr int kAmxMaxGates = 80;   // 4 H <= 80: at most 5 M tiles (C tiles 0-4)
-constexpr float kAmxCap = 40.0f;   // E(y) = 2^min(y, kAmxCap)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// CPUID / XCR0 / Linux permission for the tile data. Called once.
-bool amx_probe() {
-  uint32_t a, b, c, d;
-  auto cpuid = [&](uint32_t leaf, uint32_t sub) {
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(leaf), "c"(sub));
-  };
-  cpuid(0, 0);
-  if (a < 7) return false;
-  cpuid(1, 0);
-  if (!(c & (1u << 27))) return false;  // OSXSAVE
-  cpuid(7, 0);
-  const uint32_t ebx7 = b, edx7 = d, max_sub = a;
-  const bool avx512 = (ebx7 & (1u << 16)) && (ebx7 & (1u << 17)) && (ebx7 & (1u << 30)) && (ebx7 & (1u << 31));
-  const bool amx = (edx7 & (1u << 24)) && (edx7 & (1u << 22));  // AMX-TILE, AMX-BF16
-  if (!avx512 || !amx || max_sub < 1) return false;
-  cpuid(7, 1);
-  if (!(a & (1u << 5))) return false;  // AVX512_BF16
-  uint32_t xlo, xhi;
-  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
-  const uint64_t xcr0 = (uint64_t(xhi) << 32) | xlo;
-  const uint64_t need = (1u << 1) | (1u << 2) | (7u << 5) | (3u << 17);  // SSE, AVX, opmask/ZMM, XTILECFG/DATA
-  if ((xcr0 & need) != need) return false;
-#if defined(__linux__)
-  // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): once per process, before any tile use.
-  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return false;
-#endif
-  return true;
-}
-
-bool amx_disabled_by_env() {
-  const char* e = std::getenv("L2L_TF_DISABLE_AMX");
-  return e && *e && std::strcmp(e, "0") != 0;
-}
-
-bool amx_usable() {
-  static const bool ok = !amx_disabled_by_env() && amx_probe();
-  return ok;
-}
-
-L2L_AMX_INLINE __m512 a1(float x) { return _mm512_set1_ps(x); }
-
-// 2^min(y, cap) (NaN propagates; -inf -> 0).
-L2L_AMX_INLINE __m512 amx_exp2(__m512 y) {
-  y = _mm512_min_ps(a1(kAmxCap), y);
-  const __m512 f = _mm512_reduce_ps(y, 0x01);
-  __m512 p = _mm512_fmadd_ps(a1(1.8775736680e-03f), f, a1(8.9893480763e-03f));
-  p = _mm512_fmadd_ps(p, f, a1(5.5826310068e-02f));
-  p = _mm512_fmadd_ps(p, f, a1(2.4015362561e-01f));
-  p = _mm512_fmadd_ps(p, f, a1(6.9315308332e-01f));
-  p = _mm512_fmadd_ps(p, f, a1(9.9999994040e-01f));
-  return _mm512_scalef_ps(p, y);
-}
-
-L2L_AMX_INLINE __m512 amx_rcp(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, a1(1.0f)), r);
-}
-
-// One LSTM cell on 16 coordinates from the pre-scaled gates (see above).
-L2L_AMX_INLINE void amx_cell(__m512 yi, __m512 yf, __m512 yg, __m512 yo, __m512 c, __m512* c_out, __m512* h_out) {
-  const __m512 one = a1(1.0f);
-  const __m512 ei = amx_exp2(yi), ef = amx_exp2(yf), eg = amx_exp2(yg), eo = amx_exp2(yo);
-  const __m512 a = _mm512_add_ps(one, ef);
-  const __m512 t = _mm512_add_ps(one, eg);
-  const __m512 b = _mm512_fmadd_ps(ei, t, t);
-  const __m512 r = amx_rcp(_mm512_mul_ps(a, b));
-  const __m512 cn =
-      _mm512_fmadd_ps(c, _mm512_mul_ps(b, r), _mm512_mul_ps(_mm512_sub_ps(one, eg), _mm512_mul_ps(a, r)));
-  const __m512 ec = amx_exp2(_mm512_mul_ps(cn, a1(-2.0f * 1.44269504088896341f)));
-  const __m512 t2 = _mm512_add_ps(one, ec);
-  *c_out = cn;
-  *h_out = _mm512_mul_ps(_mm512_sub_ps(one, ec), amx_rcp(_mm512_fmadd_ps(eo, t2, t2)));
-}
-
-// Splits K' fp32 rows of 16 coordinates (row(k): pointer) into the VNNI bf16 B operand of one layer (pair
-// row p of segment s at B + (s K'/2 + p) 32; the bias and zero pair rows after the six segments are constant).
-// Returns acc + the sum of the first remainders: not finite iff some input is NaN or inf.
-template <class RowFn>
-L2L_AMX_INLINE __m512 amx_split_rows(uint16_t* B, int kp, RowFn row, __m512 acc) {
-  const __m512i m = _mm512_set1_epi32(int32_t(0xffff0000u));
-  const int half = kp / 2;
-  for (int p = 0; p < half; ++p) {
-    const __m512i x0 = _mm512_castps_si512(_mm512_loadu_ps(row(2 * p)));
-    const __m512i x1 = _mm512_castps_si512(_mm512_loadu_ps(row(2 * p + 1)));
-    const __m512i a0 = _mm512_and_si512(x0, m), b0 = _mm512_and_si512(x1, m);
-    const __m512i p0 = _mm512_or_si512(b0, _mm512_srli_epi32(x0, 16));
-    const __m512 ra = _mm512_sub_ps(_mm512_castsi512_ps(x0), _mm512_castsi512_ps(a0));
-    const __m512 rb = _mm512_sub_ps(_mm512_castsi512_ps(x1), _mm512_castsi512_ps(b0));
-    acc = _mm512_add_ps(acc, _mm512_add_ps(ra, rb));
-    const __m512i a1i = _mm512_and_si512(_mm512_castps_si512(ra), m), b1i = _mm512_and_si512(_mm512_castps_si512(rb), m);
-    const __m512i p1 = _mm512_or_si512(b1i, _mm512_srli_epi32(_mm512_castps_si512(ra), 16));
-    const __m512 sa = _mm512_sub_ps(ra, _mm512_castsi512_ps(a1i));
-    const __m512 sb = _mm512_sub_ps(rb, _mm512_castsi512_ps(b1i));
-    // (sb & m) | (sa >> 16): imm 0xf8 = A | (B & C) with A = sa >> 16, B = sb, C = m.
-    const __m512i p2 = _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(sa), 16),
-                                                 _mm512_castps_si512(sb), m, 0xf8);
-    _mm512_store_si512(B + p * 32, p0);
-    _mm512_store_si512(B + (half + p) * 32, p1);
-    _mm512_store_si512(B + (2 * half + p) * 32, p2);
-    _mm512_store_si512(B + (3 * half + p) * 32, p0);
-    _mm512_store_si512(B + (4 * half + p) * 32, p1);
-    _mm512_store_si512(B + (5 * half + p) * 32, p0);
-  }
-  return acc;
-}
-
-// One GEMM of a layer, G (M tiles x 16 rows x 16 floats) = A (M x NK tiles) B (NK tiles), as a sequence of steps
-// (one A tile load and one dot product each) in the order k outer, m inner. Tiles: C of M tile m in tmm m (<= 4),
-// A in tmm 5 / 6 alternately, B in tmm 7.
-struct AmxJob {
-  const uint16_t* A = nullptr;
-  const uint16_t* B = nullptr;
-  float* G = nullptr;
-  int M = 0, NK = 0, steps = 0, s = 0;
-};
-
-#define L2L_AMX_DP(C, AR)                                     \
-  do {                                                        \
-    if (k == 0) _tile_zero(C);                                \
-    _tile_loadd(AR, a, 64);                                   \
-    _tile_dpbf16ps(C, AR, 7);                                 \
-    if (k == j.NK - 1) _tile_stored(C, j.G + (C) * 256, 64);  \
-  } while (0)
-
-L2L_AMX_TARGET __attribute__((noinline)) void amx_run(AmxJob& j, int upto) {
-  upto = std::min(upto, j.steps);
-  for (; j.s < upto; ++j.s) {
-    const int k = j.s / j.M, mt = j.s - k * j.M;
-    if (mt == 0) _tile_loadd(7, j.B + k * 512, 64);
-    const uint16_t* a = j.A + (int64_t(mt) * j.NK + k) * 512;
-    switch (mt * 2 + (j.s & 1)) {
-      case 0: L2L_AMX_DP(0, 5); break;
-      case 1: L2L_AMX_DP(0, 6); break;
-      case 2: L2L_AMX_DP(1, 5); break;
-      case 3: L2L_AMX_DP(1, 6); break;
-      case 4: L2L_AMX_DP(2, 5); break;
-      case 5: L2L_AMX_DP(2, 6); break;
-      case 6: L2L_AMX_DP(3, 5); break;
-      case 7: L2L_AMX_DP(3, 6); break;
-      case 8: L2L_AMX_DP(4, 5); break;
-      default: L2L_AMX_DP(4, 6); break;
-    }
-  }
-}
-#undef L2L_AMX_DP
-
-class AmxForward {
- public:
-  static bool fits(const StepConfig& cfg) {
-    return cfg.input_size() + cfg.hidden1 <= kAmxMaxK && cfg.hidden1 + cfg.hidden2 <= kAmxMaxK &&
-           4 * cfg.hidden1 <= kAmxMaxGates && 4 * cfg.hidden2 <= kAmxMaxGates;
-  }
-
-  L2L_AMX_TARGET AmxForward(const StepConfig& cfg, const float* phi, float scale)
-      : cfg_(cfg), phi_(phi), D_(cfg.input_size()), H1_(cfg.hidden1), H2_(cfg.hidden2), S_(int(cfg.state_rows())),
-        K1_(D_ + H1_), K2_(H1_ + H2_), scale_(scale) {
-    K1p_ = int(round_up(K1_, 2));
-    K2p_ = int(round_up(K2_, 2));
-    nK1_ = int((3 * K1p_ + 2 + 15) / 16);
-    nK2_ = int((3 * K2p_ + 2 + 15) / 16);
-    M1_ = int((4 * H1_ + 15) / 16);
-    M2_ = int((4 * H2_ + 15) / 16);
-    wo_ = phi + cfg.wo_offset();
-    bo_ = phi[cfg.bo_offset()];
-    pre_ = cfg.preprocess;
-    param_ = cfg.preprocess_param;
-    if (pre_ == Preprocess::kPaper) {
-      thr_ = float(std::exp(-double(param_)));
-      ep_ = float(std::exp(double(param_)));
-    } else if (pre_ == Preprocess::kClamped) {
-      ep_ = float(std::exp(double(param_)));
-    }
-    // Buffers, in floats (two bf16 each); a tile is 1 KiB = 256 floats.
-    int64_t floats = 0;
-    auto take = [&floats](int64_t count) {
-      int64_t at = floats;
-      floats += round_up(count, 16);
-      return at;
-    };
-    const int64_t o_a1 = take(256LL * M1_ * nK1_), o_a2 = take(256LL * M2_ * nK2_);
-    int64_t o_b1[2], o_b2[2], o_g1[2], o_g2[2];
-    for (int r = 0; r < 2; ++r) {
-      o_b1[r] = take(256LL * nK1_);
-      o_b2[r] = take(256LL * nK2_);
-      o_g1[r] = take(256LL * M1_);
-      o_g2[r] = take(256LL * M2_);
-    }
-    const int64_t o_x = take(32), o_h1 = take(16LL * H1_), o_z = take(16);
-    const int64_t o_sg = take(16), o_sst = take(16LL * S_), o_sup = take(16), o_sns = take(16LL * S_);
-    mem_.reset(aligned_floats(floats));
-    float* m = mem_.get();
-    A1_ = reinterpret_cast<uint16_t*>(m + o_a1);
-    A2_ = reinterpret_cast<uint16_t*>(m + o_a2);
-    for (int r = 0; r < 2; ++r) {
-      B1_[r] = reinterpret_cast<uint16_t*>(m + o_b1[r]);
-      B2_[r] = reinterpret_cast<uint16_t*>(m + o_b2[r]);
-      G1_[r] = m + o_g1[r];
-      G2_[r] = m + o_g2[r];
-      init_b(B1_[r], K1p_, nK1_);
-      init_b(B2_[r], K2p_, nK2_);
-    }
-    xbuf_ = m + o_x;
-    h1buf_ = m + o_h1;
-    zrow_ = m + o_z;
-    std::memset(zrow_, 0, sizeof(float) * 16);
-    sg_ = m + o_sg;
-    sst_ = m + o_sst;
-    sup_ = m + o_sup;
-    sns_ = m + o_sns;
-    usable_ = pack(phi + cfg.w1_offset(), phi + cfg.b1_offset(), H1_, K1_, K1p_, M1_, nK1_, A1_) &&
-              pack(phi + cfg.w2_offset(), phi + cfg.b2_offset(), H2_, K2_, K2p_, M2_, nK2_, A2_) &&
-              std::isfinite(bo_);
-    for (int j = 0; j < H2_ && usable_; ++j) usable_ = std::isfinite(wo_[j]);
-  }
-
-  // False when phi has non-finite values (the portable kernel then runs the step).
-  bool usable() const { return usable_; }
-
-  L2L_AMX_TARGET void forward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end,
-                              float* update, float* new_state) {
-    grad_ = grad;
-    state_ = state;
-    n_ = n;
-    begin_ = begin;
-    end_ = end;
-    update_ = update;
-    new_state_ = new_state;
-    nt_ = n % 16 == 0 && begin % 16 == 0 && aligned64(update) && aligned64(new_state);
-    const int64_t nb = (end - begin + 15) / 16;
-    TileConfig tc;
-    std::memset(&tc, 0, sizeof(tc));
-    tc.palette_id = 1;
-    for (int t = 0; t < 8; ++t) {
-      tc.colsb[t] = 64;
-      tc.rows[t] = 16;
-    }
-    _tile_loadconfig(&tc);
-    stage(0);
-    if (!fb(0)) {
-      AmxJob j = job1(0);
-      amx_run(j, j.steps);
-    }
-    for (int64_t i = 0; i < nb; ++i) {
-      if (i + 1 < nb) {
-        prefetch(i + 1 + kPrefetchBlocks);
-        stage(i + 1);
-      }
-      AmxJob j2 = (i >= 1 && !fb(i - 1)) ? job2(i - 1) : AmxJob();
-      if (!fb(i)) act1(i, j2);
-      amx_run(j2, j2.steps);
-      AmxJob j1 = (i + 1 < nb && !fb(i + 1)) ? job1(i + 1) : AmxJob();
-      if (i >= 1 && !fb(i - 1)) act2(i - 1, j1);
-      amx_run(j1, j1.steps);
-    }
-    if (!fb(nb - 1)) {
-      AmxJob j2 = job2(nb - 1);
-      amx_run(j2, j2.steps);
-      act2(nb - 1, AmxJob());
-    }
-    _tile_release();
-    _mm_sfence();
-  }
-
- private:
-  static constexpr int kPrefetchBlocks = 4;
-
-  // Constant pair rows of a B buffer: bias (1, 1), (1, 0) after the six segments, zeros after them.
-  static void init_b(uint16_t* B, int kp, int nk) {
-    std::memset(B, 0, sizeof(uint16_t) * 512 * nk);
-    for (int j = 0; j < 16; ++j) {
-      B[(3 * kp) * 32 + 2 * j] = 0x3f80;
-      B[(3 * kp) * 32 + 2 * j + 1] = 0x3f80;
-      B[(3 * kp + 1) * 32 + 2 * j] = 0x3f80;
-    }
-  }
-
-  // A tiles of one layer: [M tiles][NK][16 rows][32 bf16]; row g = [w0 | w0 | w0 | w1 | w1 | w2 | b0 b1 b2 0 | 0]
-  // (segments K' long) of gate row g scaled by -log2(e) (i, f, o) or -2 log2(e) (g). False if phi is not finite.
-  L2L_AMX_TARGET static bool pack(const float* W, const float* b, int H, int K, int kp, int M, int nk, uint16_t* A) {
-    alignas(64) uint16_t row[8 * 32 + 64];
-    __mmask16 bad = 0;
-    for (int g = 0; g < 16 * M; ++g) {
-      std::memset(row, 0, sizeof(row));
-      if (g < 4 * H) {
-        const __m512 s = _mm512_set1_ps((g / H == 2) ? -2.0f * 1.44269504088896341f : -1.44269504088896341f);
-        for (int k0 = 0; k0 <= K; k0 += 16) {
-          // Elements k0..k0+15 of [W row g, b[g]] (the bias at k = K).
-          const int cnt = std::min(16, K + 1 - k0);
-          const __mmask16 lm = __mmask16((1u << std::min(16, K - k0 > 0 ? K - k0 : 0)) - 1u);
-          __m512 w = _mm512_maskz_loadu_ps(lm, W + int64_t(g) * K + k0);
-          if (K - k0 < 16) w = _mm512_mask_mov_ps(w, __mmask16(1u << (K - k0)), _mm512_set1_ps(b[g]));
-          w = _mm512_mul_ps(w, s);
-          bad |= _mm512_fpclass_ps_mask(w, 0x99);
-          const __m256i w0 = (__m256i)_mm512_cvtneps_pbh(w);
-          const __m512 r1 = _mm512_sub_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16)));
-          const __m256i w1 = (__m256i)_mm512_cvtneps_pbh(r1);
-          const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w1), 16)));
-          const __m256i w2 = (__m256i)_mm512_cvtneps_pbh(r2);
-          alignas(32) uint16_t t0[16], t1[16], t2[16];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(t0), w0);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(t1), w1);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(t2), w2);
-          for (int e = 0; e < cnt; ++e) {
-            const int k = k0 + e;
-            if (k < K) {
-              row[k] = t0[e];
-              row[kp + k] = t0[e];
-              row[2 * kp + k] = t0[e];
-              row[3 * kp + k] = t1[e];
-              row[4 * kp + k] = t1[e];
-              row[5 * kp + k] = t2[e];
-            } else {
-              row[6 * kp] = t0[e];
-              row[6 * kp + 1] = t1[e];
-              row[6 * kp + 2] = t2[e];
-            }
-          }
-        }
-      }
-      const int mt = g / 16, r = g % 16;
-      for (int t = 0; t < nk; ++t)
-        std::memcpy(A + ((int64_t(mt) * nk + t) * 16 + r) * 32, row + 32 * t, 64);
-    }
-    return bad == 0;
-  }
-
-  struct View {
-    const float* g;
-    const float* st;
-    int64_t lds;
-    float* up;
-    float* ns;
-    int64_t ldn;
-    bool nt;
-    bool staged;
-  };
-  View view(int64_t i) const {
-    const int64_t c0 = begin_ + 16 * i;
-    if (end_ - c0 >= 16) return View{grad_ + c0, state_ + c0, n_, update_ + c0, new_state_ + c0, n_, nt_, false};
-    return View{sg_, sst_, 16, sup_, sns_, 16, false, true};
-  }
-  bool& fb(int64_t i) { return fallback_[i % 3]; }
-
-  AmxJob job1(int64_t i) const {
-    AmxJob j;
-    j.A = A1_; j.B = B1_[i & 1]; j.G = G1_[i & 1]; j.M = M1_; j.NK = nK1_; j.steps = M1_ * nK1_;
-    return j;
-  }
-  AmxJob job2(int64_t i) const {
-    AmxJob j;
-    j.A = A2_; j.B = B2_[i & 1]; j.G = G2_[i & 1]; j.M = M2_; j.NK = nK2_; j.steps = M2_ * nK2_;
-    return j;
-  }
-  // Steps of job j due after unit u of U (spread over the first U - 2 units).
-  static int due(const AmxJob& j, int u, int U) {
-    const int span = std::max(1, U - 2);
-    return u + 1 >= span ? j.steps : (j.steps * (u + 1) + span - 1) / span;
-  }
-
-  L2L_AMX_INLINE void store_out(float* p, __m512 v, bool nt) const {
-    if (nt) _mm512_stream_ps(p, v);
-    else _mm512_storeu_ps(p, v);
-  }
-
-  void prefetch(int64_t i) const {
-    const int64_t c0 = begin_ + 16 * i;
-    if (c0 >= end_) return;
-    __builtin_prefetch(grad_ + c0, 0, 2);
-    const float* s = state_ + c0;
-    for (int r = 0; r < S_; ++r) __builtin_prefetch(s + r * n_, 0, 2);
-    if (!nt_ && new_state_ != state_) {
-      float* o = new_state_ + c0;
-      for (int r = 0; r < S_; ++r) __builtin_prefetch(o + r * n_, 1, 2);
-    }
-  }
-
-  // Preprocessing, the split of the layer-1 inputs, and the finiteness check of all GEMM inputs of block i.
-  L2L_AMX_TARGET void stage(int64_t i) {
-    const int64_t c0 = begin_ + 16 * i;
-    const int64_t cnt = std::min<int64_t>(16, end_ - c0);
-    fb(i) = false;
-    const View v = view(i);
-    if (v.staged) {
-      std::memset(sg_, 0, sizeof(float) * 16);
-      std::memcpy(sg_, grad_ + c0, sizeof(float) * cnt);
-      for (int r = 0; r < S_; ++r) {
-        std::memset(sst_ + 16 * r, 0, sizeof(float) * 16);
-        std::memcpy(sst_ + 16 * r, state_ + r * n_ + c0, sizeof(float) * cnt);
-      }
-    }
-    for (int col = 0; col < 16; col += kW) {
-      vf f0, f1;
-      preprocess(loadu(v.g + col), &f0, &f1);
-      storeu(xbuf_ + col, f0);
-      storeu(xbuf_ + 16 + col, f1);
-    }
-    const int D = D_, K1 = K1_;
-    const float* st = v.st;
-    const int64_t lds = v.lds;
-    const float* x = xbuf_;
-    const float* z = zrow_;
-    __m512 acc = amx_split_rows(
-        B1_[i & 1], K1p_, [=](int k) { return k < D ? x + 16 * k : k < K1 ? st + (k - D) * lds : z; },
-        _mm512_setzero_ps());
-    // h2 (split after the layer-1 outputs of the block are written) must be finite too.
-    const float* h2 = st + 2 * int64_t(H1_) * lds;
-    for (int r = 0; r < H2_; ++r) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(h2 + r * lds), _mm512_setzero_ps()));
-    if (_mm512_fpclass_ps_mask(acc, 0x99) != 0) {  // NaN or +-inf
-      fb(i) = true;
-      if (!portable_) portable_.reset(new Kernel(cfg_, phi_, scale_, /*backward=*/false));
-      portable_->forward(grad_, state_, n_, c0, c0 + cnt, update_, new_state_);
-    }
-  }
-
-  L2L_AMX_INLINE void preprocess(vf g, vf* f0, vf* f1) const {  // as Kernel::preprocess
-    if (pre_ == Preprocess::kNone) {
-      *f0 = g;
-      *f1 = splat(0.0f);
-      return;
-    }
-    const vf a = vabs(g);
-    if (pre_ == Preprocess::kPaper) {
-      vi big = a >= splat(thr_);
-      vf l = log_(big ? a : splat(1.0f)) / splat(param_);
-      *f0 = big ? l : splat(-1.0f);
-      *f1 = big ? vsign(g) : splat(ep_) * g;
-    } else {
-      vf l = log_(a + splat(FLT_EPSILON)) / splat(param_);
-      *f0 = vmax(splat(-1.0f), l);
-      *f1 = vmax(splat(-1.0f), vmin(splat(1.0f), g * splat(ep_)));
-    }
-  }
-
-  // Layer-1 activations of block i (with the steps of job j between the units), then the split of the layer-2
-  // inputs [h1'; h2].
-  L2L_AMX_TARGET void act1(int64_t i, AmxJob& jb) {
-    const View v = view(i);
-    const float* G = G1_[i & 1];
-    const int H = H1_;
-    for (int j = 0; j < H; ++j) {
-      amx_run(jb, due(jb, j, H));
-      __m512 cn, h;
-      amx_cell(_mm512_load_ps(G + 16 * j), _mm512_load_ps(G + 16 * (H + j)), _mm512_load_ps(G + 16 * (2 * H + j)),
-               _mm512_load_ps(G + 16 * (3 * H + j)), _mm512_loadu_ps(v.st + (H + j) * v.lds), &cn, &h);
-      store_out(v.ns + j * v.ldn, h, v.nt);
-      store_out(v.ns + (H + j) * v.ldn, cn, v.nt);
-      _mm512_store_ps(h1buf_ + 16 * j, h);
-    }
-    const float* hb = h1buf_;
-    const float* h2 = v.st + 2 * int64_t(H1_) * v.lds;
-    const int64_t lds = v.lds;
-    const float* z = zrow_;
-    const int K2 = K2_;
-    amx_split_rows(
-        B2_[i & 1], K2p_, [=](int k) { return k < H ? hb + 16 * k : k < K2 ? h2 + (k - H) * lds : z; },
-        _mm512_setzero_ps());
-  }
-
-  // Layer-2 activations and the update of block i (with the steps of job j between the units).
-  L2L_AMX_TARGET void act2(int64_t i, AmxJob jb) {
-    const View v = view(i);
-    const float* G = G2_[i & 1];
-    const int H = H2_;
-    const int64_t r0 = 2 * int64_t(H1_);
-    __m512 u = _mm512_setzero_ps();
-    for (int j = 0; j < H; ++j) {
-      amx_run(jb, due(jb, j, H));
-      __m512 cn, h;
-      amx_cell(_mm512_load_ps(G + 16 * j), _mm512_load_ps(G + 16 * (H + j)), _mm512_load_ps(G + 16 * (2 * H + j)),
-               _mm512_load_ps(G + 16 * (3 * H + j)), _mm512_loadu_ps(v.st + (r0 + H + j) * v.lds), &cn, &h);
-      store_out(v.ns + (r0 + j) * v.ldn, h, v.nt);
-      store_out(v.ns + (r0 + H + j) * v.ldn, cn, v.nt);
-      u = _mm512_fmadd_ps(_mm512_set1_ps(wo_[j]), h, u);
-    }
-    store_out(v.up, _mm512_mul_ps(_mm512_set1_ps(scale_), _mm512_add_ps(u, _mm512_set1_ps(bo_))), v.nt);
-    if (v.staged) {
-      const int64_t c0 = begin_ + 16 * i;
-      const int64_t cnt = end_ - c0;
-      std::memcpy(update_ + c0, sup_, sizeof(float) * cnt);
-      for (int r = 0; r < S_; ++r) std::memcpy(new_state_ + r * n_ + c0, sns_ + 16 * r, sizeof(float) * cnt);
-    }
-  }
-
-  const StepConfig cfg_;
-  const float* phi_;
-  const int D_, H1_, H2_, S_, K1_, K2_;
-  const float scale_;
-  int K1p_, K2p_, nK1_, nK2_, M1_, M2_;
-  const float* wo_;
-  float bo_;
-  Preprocess pre_;
-  float param_ = 1.0f, thr_ = 0.0f, ep_ = 1.0f;
-  bool usable_ = false;
-  std::unique_ptr<float, AlignedFree> mem_;
-  uint16_t *A1_, *A2_, *B1_[2], *B2_[2];
-  float *G1_[2], *G2_[2], *xbuf_, *h1buf_, *zrow_, *sg_, *sst_, *sup_, *sns_;
-  std::unique_ptr<Kernel> portable_;
-  const float* grad_ = nullptr;
-  const float* state_ = nullptr;
-  float* update_ = nullptr;
-  float* new_state_ = nullptr;
-  int64_t n_ = 0, begin_ = 0, end_ = 0;
-  bool nt_ = false;
-  bool fallback_[3] = {false, false, false};
-};
-#endif  // L2L_HAVE_AMX
-
 }  // namespace
-
-bool lstm_step_cpu_amx_available() {
-#if L2L_HAVE_AMX
-  return amx_usable();
-#else
-  return false;
-#endif
-}
-
-bool lstm_step_cpu_amx_supported(const StepConfig& cfg) {
-#if L2L_HAVE_AMX
-  return amx_usable() && AmxForward::fits(cfg);
-#else
-  (void)cfg;
-  return false;
-#endif
-}
-
-CpuIsa lstm_step_forward_cpu_isa(const StepConfig& cfg, CpuIsa isa, const float* phi, const float* grad,
-                                 const float* state, float scale, int64_t n, int64_t begin, int64_t end,
-                                 float* update, float* new_state) {
-  if (end <= begin) return CpuIsa::kPortable;
-#if L2L_HAVE_AMX
-  // kAuto does not pick the AMX kernel: on the Sapphire-Rapids-class machine it was measured on (1 thread,
-  // N = 2048 and 15910, 20/20, "paper") it took ~300 TSC cycles per coordinate against ~240-290 for the portable
-  // kernel. Its vector part alone (no tile operations) costs ~125 (in L2) / ~170 (from memory) cycles, its 65
-  // tile dot products per 16 coordinates ~60 (A tiles in L1) / ~95 (in L2) on their own, and in the kernel the
-  // two add up instead of overlapping. bf16x3 (half the tile work) is not accurate enough (gate errors ~1e-4).
-  if (isa == CpuIsa::kAmx && amx_usable() && AmxForward::fits(cfg)) {
-    AmxForward k(cfg, phi, scale);
-    if (k.usable()) {
-      k.forward(grad, state, n, begin, end, update, new_state);
-      return CpuIsa::kAmx;
-    }
-  }
-#else
-  (void)isa;
-#endif
-  Kernel k(cfg, phi, scale, /*backward=*/false);
-  k.forward(grad, state, n, begin, end, update, new_state);
-  return CpuIsa::kPortable;
-}
 
 void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad, const float* state,
                            float scale, int64_t n, int64_t begin, int64_t end, float* update, float* new_state) {
-  lstm_step_forward_cpu_isa(cfg, CpuIsa::kAuto, phi, grad, state, scale, n, begin, end, update, new_state);
+  if (end <= begin) return;
+  Kernel k(cfg, phi, scale, /*backward=*/false);
+  k.forward(grad, state, n, begin, end, update, new_state);
 }
 
 void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float* grad, const float* state,

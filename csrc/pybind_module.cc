@@ -3,13 +3,9 @@
 //
 //   num_params(hidden1, hidden2, preprocess) -> int
 //   forward_cpu(phi, grad, state, scale, hidden1=20, hidden2=20, preprocess="none", preprocess_param=10.0,
-//               num_threads=0, isa="auto") -> (update, new_state)
-//       isa: "auto" (what the TF op runs: the portable kernel), "portable", or "amx" (the opt-in AMX-BF16 kernel
-//       where amx_supported(...), else the portable one); see CpuIsa in lstm_step.h.
+//               num_threads=0) -> (update, new_state)
 //   backward_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
 //                preprocess="none", preprocess_param=10.0, num_threads=0) -> (d_phi, d_grad, d_state)
-//   amx_available() -> bool: this CPU / OS / build can run the AMX kernel (and L2L_TF_DISABLE_AMX is not set)
-//   amx_supported(hidden1, hidden2, preprocess) -> bool: ... and these sizes fit it
 //   cuda_available() -> bool
 //
 // Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise). Work is split over
@@ -118,18 +114,10 @@ void run_split(int threads, int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
-CpuIsa parse_isa(const std::string& isa) {
-  if (isa == "auto") return CpuIsa::kAuto;
-  if (isa == "portable") return CpuIsa::kPortable;
-  if (isa == "amx") return CpuIsa::kAmx;
-  throw py::value_error("isa must be 'auto', 'portable' or 'amx', got '" + isa + "'");
-}
-
 py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                       int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
-                      int num_threads, const std::string& isa) {
+                      int num_threads) {
   const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
-  const CpuIsa path = parse_isa(isa);
   const float* phi_p = checked(phi, "phi", {cfg.num_params()});
   const float* grad_p = checked(grad, "grad", {-1});
   const int64_t n = grad.shape(0);
@@ -143,7 +131,7 @@ py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::arr
   {
     py::gil_scoped_release release;
     run_split(threads, n, [&](int, int64_t b, int64_t e) {
-      lstm_step_forward_cpu_isa(cfg, path, phi_p, grad_p, state_p, sc, n, b, e, up, ns);
+      lstm_step_forward_cpu(cfg, phi_p, grad_p, state_p, sc, n, b, e, up, ns);
     });
   }
   return py::make_tuple(update, new_state);
@@ -202,18 +190,8 @@ PYBIND11_MODULE(_kernels, m) {
       "Length of the flat phi vector for these sizes and preprocessing.");
   m.def("forward_cpu", &l2l::forward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("hidden1") = 20, py::arg("hidden2") = 20, py::arg("preprocess") = "none",
-        py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0, py::arg("isa") = "auto",
-        "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]). "
-        "isa: 'auto' | 'portable' | 'amx' (the opt-in AMX-BF16 kernel where supported).");
-  m.def("amx_available", &l2l::lstm_step_cpu_amx_available,
-        "True when this CPU / OS / build can run the AMX-BF16 forward kernel (and L2L_TF_DISABLE_AMX is not set).");
-  m.def(
-      "amx_supported",
-      [](int hidden1, int hidden2, const std::string& preprocess) {
-        return l2l::lstm_step_cpu_amx_supported(l2l::make_config(hidden1, hidden2, preprocess, 10.0));
-      },
-      py::arg("hidden1"), py::arg("hidden2"), py::arg("preprocess"),
-      "True when the AMX-BF16 forward kernel is available and these sizes fit it.");
+        py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
+        "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]).");
   m.def("backward_cpu", &l2l::backward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,
         py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
