@@ -52,10 +52,14 @@ flags.DEFINE_string("phi", None, "Start from (or, with --num_epochs=0, just eval
 flags.DEFINE_integer("num_epochs", 1000, "Meta-training epochs (one fresh problem each); 0: evaluate --phi only.")
 flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem during meta-training, T.")
 flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
+flags.DEFINE_list("unroll_schedule", None,
+                  "Curriculum of truncation lengths, LENGTH:EPOCHS phases run in order, each starting from the best "
+                  "φ of the one before (e.g. 20:400,100:1500); overrides --unroll_length and --num_epochs (except "
+                  "--num_epochs=0, which always means: evaluate --phi only).")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
 flags.DEFINE_enum("meta_lr_decay", "none", ["none", "cosine"],
-                  "Schedule of the meta learning rate over the --num_epochs meta-updates: constant, or cosine decay "
-                  "to a tenth of --learning_rate.")
+                  "Schedule of the meta learning rate: constant, or cosine decay to a tenth of --learning_rate "
+                  "over each phase's meta-updates.")
 flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global norm.")
 flags.DEFINE_enum("loss_weights", "uniform", ["uniform", "rising"],
                   "Meta-loss weights w_t: uniform (paper: w_t = 1) or rising (w_t = max(1, t/10), so that the late, "
@@ -80,11 +84,31 @@ def loss_weights(kind, num_steps):
     return np.ones(num_steps) if kind == "uniform" else np.maximum(1.0, t / 10.0)
 
 
-def meta_learning_rate():
+def meta_learning_rate(epochs, unroll_length):
+    """The meta learning rate of a phase of `epochs` epochs (cosine decay over its meta-updates if asked)."""
     if FLAGS.meta_lr_decay == "none":
         return FLAGS.learning_rate
-    meta_updates = FLAGS.num_epochs * (FLAGS.num_steps // FLAGS.unroll_length)
+    meta_updates = epochs * (FLAGS.num_steps // unroll_length)
     return keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, decay_steps=meta_updates, alpha=0.1)
+
+
+def unroll_phases():
+    """[(unroll length, epochs)] from --unroll_schedule, else [(--unroll_length, --num_epochs)]; [] to evaluate only."""
+    if FLAGS.num_epochs == 0:
+        return []
+    if not FLAGS.unroll_schedule:
+        return [(FLAGS.unroll_length, FLAGS.num_epochs)]
+    phases = []
+    for item in FLAGS.unroll_schedule:
+        try:
+            length, epochs = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise app.UsageError(f"--unroll_schedule entries are LENGTH:EPOCHS, got {item!r}")
+        if length < 1 or epochs < 1 or FLAGS.num_steps % length:
+            raise app.UsageError(f"--unroll_schedule {item!r}: the length must divide --num_steps "
+                                 f"({FLAGS.num_steps}) and the epochs must be positive")
+        phases.append((length, epochs))
+    return phases
 
 
 def load_splits():
@@ -178,34 +202,44 @@ def main(argv):
                               implementation=FLAGS.implementation)
         phi = rule.init_phi(FLAGS.seed, output_gain=FLAGS.output_init_gain)
     summary = {"data_source": FLAGS.data_source, "rule": rule.get_config()}
-    if FLAGS.num_epochs > 0:
+    phases = unroll_phases()
+    if phases:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
                                   [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size,
                                   examples_per_problem=FLAGS.examples_per_problem)
-        trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
-                              loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps), meta_loss=FLAGS.meta_loss,
-                              second_derivatives=FLAGS.second_derivatives, learning_rate=meta_learning_rate(),
-                              clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
-                              validation_family=families["validation"])
         train_started = time.time()
-        phi = trainer.train(FLAGS.num_epochs, validation_every=FLAGS.validation_every,
-                            num_validation_problems=FLAGS.num_validation_problems,
-                            checkpoint_dir=os.path.join(logdir, "checkpoint"), logdir=os.path.join(logdir, "train"),
-                            patience=FLAGS.patience)
+        histories = []
+        for index, (unroll_length, epochs) in enumerate(phases):
+            # Each phase starts from the best φ of the one before; its own checkpoint makes the run resumable.
+            suffix = "" if len(phases) == 1 else f"/phase{index + 1}_unroll{unroll_length}"
+            trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=unroll_length,
+                                  loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps),
+                                  meta_loss=FLAGS.meta_loss, second_derivatives=FLAGS.second_derivatives,
+                                  learning_rate=meta_learning_rate(epochs, unroll_length), clip_norm=FLAGS.clip_norm,
+                                  seed=FLAGS.seed, phi=phi, validation_family=families["validation"])
+            phi = trainer.train(epochs, validation_every=FLAGS.validation_every,
+                                num_validation_problems=FLAGS.num_validation_problems,
+                                checkpoint_dir=os.path.join(logdir, "checkpoint" + suffix),
+                                logdir=os.path.join(logdir, "train" + suffix), patience=FLAGS.patience)
+            histories.append([(int(e), round(v, 4)) for e, v in trainer.history])
+            print(f"meta-training phase {index + 1} (unrolls of {unroll_length}): {trainer.epoch} epochs, best "
+                  f"validation {trainer.best_validation:.4g} (history {histories[-1]}), {trainer.skipped_steps} "
+                  f"skipped meta-steps")
         train_seconds = time.time() - train_started
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
-                        activation=FLAGS.activation, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
-                        learning_rate=FLAGS.learning_rate, loss_weights=FLAGS.loss_weights,
-                        meta_lr_decay=FLAGS.meta_lr_decay, meta_loss=FLAGS.meta_loss, examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
+                        activation=FLAGS.activation, num_steps=FLAGS.num_steps,
+                        unroll_schedule=[f"{length}:{epochs}" for length, epochs in phases],
+                        learning_rate=FLAGS.learning_rate, meta_lr_decay=FLAGS.meta_lr_decay,
+                        loss_weights=FLAGS.loss_weights, meta_loss=FLAGS.meta_loss,
+                        examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:
             trainer.export(FLAGS.export, **metadata)
-        print(f"meta-training: {trainer.epoch} epochs, best validation {trainer.best_validation:.4g} "
-              f"(history {[(int(e), round(v, 4)) for e, v in trainer.history]}), "
-              f"{trainer.skipped_steps} skipped meta-steps, {train_seconds:.0f} s this run")
-        summary.update(epochs=trainer.epoch, best_validation=trainer.best_validation,
-                       skipped_meta_steps=trainer.skipped_steps, train_seconds_this_run=train_seconds)
+        print(f"meta-training: {sum(e for _, e in phases)} epochs in {len(phases)} phase(s), best validation "
+              f"{trainer.best_validation:.4g}, {train_seconds:.0f} s this run")
+        summary.update(unroll_schedule=metadata["unroll_schedule"], best_validation=trainer.best_validation,
+                       validation_history=histories, train_seconds_this_run=train_seconds)
     elif not FLAGS.phi:
         raise app.UsageError("--num_epochs=0 needs --phi=FILE (a φ to evaluate)")
 
