@@ -53,8 +53,8 @@ flags.DEFINE_integer("num_epochs", 1000, "Meta-training epochs (one fresh proble
 flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem during meta-training, T.")
 flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
 flags.DEFINE_list("unroll_schedule", None,
-                  "Curriculum of truncation lengths, LENGTH:EPOCHS phases run in order, each starting from the best "
-                  "φ of the one before (e.g. 20:400,100:1500); overrides --unroll_length and --num_epochs (except "
+                  "Curriculum of truncation lengths, LENGTH:EPOCHS[:LEARNING_RATE] phases run in order, each "
+                  "starting from the best φ of the one before (e.g. 20:400,100:1500:3e-4); overrides --unroll_length and --num_epochs (except "
                   "--num_epochs=0, which always means: evaluate --phi only).")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
 flags.DEFINE_enum("meta_lr_decay", "none", ["none", "cosine"],
@@ -84,30 +84,35 @@ def loss_weights(kind, num_steps):
     return np.ones(num_steps) if kind == "uniform" else np.maximum(1.0, t / 10.0)
 
 
-def meta_learning_rate(epochs, unroll_length):
+def meta_learning_rate(learning_rate, epochs, unroll_length):
     """The meta learning rate of a phase of `epochs` epochs (cosine decay over its meta-updates if asked)."""
     if FLAGS.meta_lr_decay == "none":
-        return FLAGS.learning_rate
+        return learning_rate
     meta_updates = epochs * (FLAGS.num_steps // unroll_length)
-    return keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, decay_steps=meta_updates, alpha=0.1)
+    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=meta_updates, alpha=0.1)
 
 
 def unroll_phases():
-    """[(unroll length, epochs)] from --unroll_schedule, else [(--unroll_length, --num_epochs)]; [] to evaluate only."""
+    """[(unroll length, epochs, meta learning rate)] from --unroll_schedule, else [(--unroll_length, --num_epochs,
+    --learning_rate)]; [] to evaluate only."""
     if FLAGS.num_epochs == 0:
         return []
     if not FLAGS.unroll_schedule:
-        return [(FLAGS.unroll_length, FLAGS.num_epochs)]
+        return [(FLAGS.unroll_length, FLAGS.num_epochs, FLAGS.learning_rate)]
     phases = []
     for item in FLAGS.unroll_schedule:
+        fields = item.split(":")
         try:
-            length, epochs = (int(x) for x in item.split(":"))
+            if len(fields) not in (2, 3):
+                raise ValueError
+            length, epochs = int(fields[0]), int(fields[1])
+            learning_rate = float(fields[2]) if len(fields) == 3 else FLAGS.learning_rate
         except ValueError:
-            raise app.UsageError(f"--unroll_schedule entries are LENGTH:EPOCHS, got {item!r}")
-        if length < 1 or epochs < 1 or FLAGS.num_steps % length:
+            raise app.UsageError(f"--unroll_schedule entries are LENGTH:EPOCHS[:LEARNING_RATE], got {item!r}")
+        if length < 1 or epochs < 1 or FLAGS.num_steps % length or not learning_rate > 0:
             raise app.UsageError(f"--unroll_schedule {item!r}: the length must divide --num_steps "
-                                 f"({FLAGS.num_steps}) and the epochs must be positive")
-        phases.append((length, epochs))
+                                 f"({FLAGS.num_steps}), the epochs and the learning rate must be positive")
+        phases.append((length, epochs, learning_rate))
     return phases
 
 
@@ -209,13 +214,14 @@ def main(argv):
                                   examples_per_problem=FLAGS.examples_per_problem)
         train_started = time.time()
         histories = []
-        for index, (unroll_length, epochs) in enumerate(phases):
+        for index, (unroll_length, epochs, learning_rate) in enumerate(phases):
             # Each phase starts from the best φ of the one before; its own checkpoint makes the run resumable.
             suffix = "" if len(phases) == 1 else f"/phase{index + 1}_unroll{unroll_length}"
             trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=unroll_length,
                                   loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps),
                                   meta_loss=FLAGS.meta_loss, second_derivatives=FLAGS.second_derivatives,
-                                  learning_rate=meta_learning_rate(epochs, unroll_length), clip_norm=FLAGS.clip_norm,
+                                  learning_rate=meta_learning_rate(learning_rate, epochs, unroll_length),
+                                  clip_norm=FLAGS.clip_norm,
                                   seed=FLAGS.seed, phi=phi, validation_family=families["validation"])
             phi = trainer.train(epochs, validation_every=FLAGS.validation_every,
                                 num_validation_problems=FLAGS.num_validation_problems,
@@ -228,15 +234,15 @@ def main(argv):
         train_seconds = time.time() - train_started
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
                         activation=FLAGS.activation, num_steps=FLAGS.num_steps,
-                        unroll_schedule=[f"{length}:{epochs}" for length, epochs in phases],
-                        learning_rate=FLAGS.learning_rate, meta_lr_decay=FLAGS.meta_lr_decay,
+                        unroll_schedule=[f"{length}:{epochs}:{lr:g}" for length, epochs, lr in phases],
+                        meta_lr_decay=FLAGS.meta_lr_decay,
                         loss_weights=FLAGS.loss_weights, meta_loss=FLAGS.meta_loss,
                         examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:
             trainer.export(FLAGS.export, **metadata)
-        print(f"meta-training: {sum(e for _, e in phases)} epochs in {len(phases)} phase(s), best validation "
+        print(f"meta-training: {sum(p[1] for p in phases)} epochs in {len(phases)} phase(s), best validation "
               f"{trainer.best_validation:.4g}, {train_seconds:.0f} s this run")
         summary.update(unroll_schedule=metadata["unroll_schedule"], best_validation=trainer.best_validation,
                        validation_history=histories, train_seconds_this_run=train_seconds)

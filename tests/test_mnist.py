@@ -191,7 +191,7 @@ def test_smoke_binary_writes_results(tmp_path):
     logdir = tmp_path / "run"
     command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"),
                f"--flagfile={os.path.join(ROOT, 'experiments', 'mnist_smoke.cfg')}", f"--logdir={logdir}",
-               "--unroll_schedule=2:1,4:2", "--validation_every=1", "--num_steps=4",
+               "--unroll_schedule=2:1,4:2:3e-4", "--validation_every=1", "--num_steps=4",
                "--num_validation_problems=1", "--num_test_problems=2", "--lr_grid=0.1,1",
                "--baselines=sgd,adam", "--settings=base,relu", "--implementation=reference"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -213,7 +213,7 @@ def test_smoke_binary_writes_results(tmp_path):
     assert os.path.exists(logdir / "checkpoint" / "phase1_unroll2" / "meta_trainer.npz")
     assert os.path.exists(logdir / "checkpoint" / "phase2_unroll4" / "meta_trainer.npz")
     assert [len(h) for h in results["validation_history"]] == [1, 2]
-    assert load_phi(logdir / "phi.npz")[2]["unroll_schedule"] == ["2:1", "4:2"]
+    assert load_phi(logdir / "phi.npz")[2]["unroll_schedule"] == ["2:1:0.001", "4:2:0.0003"]
     histogram_events = [f for f in os.listdir(logdir / "histograms") if f.startswith("events")]
     assert histogram_events and os.path.getsize(logdir / "histograms" / histogram_events[0]) > 10_000
     assert "LSTM below every tuned baseline" in result.stdout
