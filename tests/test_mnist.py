@@ -191,7 +191,8 @@ def test_smoke_binary_writes_results(tmp_path):
     logdir = tmp_path / "run"
     command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"),
                f"--flagfile={os.path.join(ROOT, 'experiments', 'mnist_smoke.cfg')}", f"--logdir={logdir}",
-               "--unroll_schedule=2:1,4:2:3e-4", "--validation_every=1", "--num_steps=4",
+               "--phase=unroll_length=2,epochs=1,meta_loss=log",
+               "--phase=unroll_length=4,epochs=2,learning_rate=3e-4,meta_lr_decay=cosine,loss_weights=rising", "--validation_every=1", "--num_steps=4",
                "--num_validation_problems=1", "--num_test_problems=2", "--lr_grid=0.1,1",
                "--baselines=sgd,adam", "--settings=base,relu", "--implementation=reference"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -210,10 +211,14 @@ def test_smoke_binary_writes_results(tmp_path):
     assert (logdir / "figure.png").stat().st_size > 1000
     assert (logdir / "phi.npz").exists()
     # the unroll curriculum: one resumable checkpoint per phase, validated in each
-    assert os.path.exists(logdir / "checkpoint" / "phase1_unroll2" / "meta_trainer.npz")
-    assert os.path.exists(logdir / "checkpoint" / "phase2_unroll4" / "meta_trainer.npz")
+    for phase, unroll_length in (("phase1", 2), ("phase2", 4)):
+        with np.load(logdir / "checkpoint" / phase / "meta_trainer.npz") as checkpoint:
+            assert json.loads(str(checkpoint["state"]))["unroll_length"] == unroll_length
     assert [len(h) for h in results["validation_history"]] == [1, 2]
-    assert load_phi(logdir / "phi.npz")[2]["unroll_schedule"] == ["2:1:0.001", "4:2:0.0003"]
+    phases = load_phi(logdir / "phi.npz")[2]["phases"]
+    assert [(p["unroll_length"], p["epochs"], p["meta_loss"], p["loss_weights"]) for p in phases] == [
+        (2, 1, "log", "uniform"), (4, 2, "sum", "rising")]
+    assert phases[1]["learning_rate"] == 3e-4 and phases[1]["meta_lr_decay"] == "cosine"
     histogram_events = [f for f in os.listdir(logdir / "histograms") if f.startswith("events")]
     assert histogram_events and os.path.getsize(logdir / "histograms" / histogram_events[0]) > 10_000
     assert "LSTM below every tuned baseline" in result.stdout
