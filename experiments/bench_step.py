@@ -190,11 +190,9 @@ def fit_benchmark():
                   verbose=0, shuffle=False)  # trace and warm up
         models[kind] = model
 
-    # The LSTM step alone on the same coordinates (one fused call per trainable tensor, as in fit): the part of the
-    # learned optimizer's step that no framework change can remove.
-    bare_ms = None
-    if ops.fused_available():
-        bare_ms = bare_step_ms(make_optimizer("fused"), models["adam"].trainable_variables)
+    # The LSTM kernel alone on the same coordinates: the part of the learned optimizer's step that no framework
+    # change can remove.
+    bare_ms = bare_kernel_ms(make_optimizer("reference"), models["adam"].trainable_variables)
 
     per_round = {kind: [] for kind in kinds}
     for _ in range(FLAGS.fit_rounds):
@@ -219,21 +217,36 @@ def fit_benchmark():
         implementation = "-" if kind == "adam" else (f"{kind} → {resolved[kind]}" if kind == "auto" else kind)
         print(f"| {name} | {implementation} | {ms:.3f} | {ms / adam:.2f}× |")
     if bare_ms is not None:
-        print(f"| LSTM step alone (no model, no Keras) | fused | {bare_ms:.3f} | {bare_ms / adam:.2f}× |")
+        print(f"| LSTM forward kernel alone (pybind11, {os.cpu_count()} threads; no model, no TF) | C++ | "
+              f"{bare_ms:.3f} | {bare_ms / adam:.2f}× |")
 
 
-def bare_step_ms(optimizer, variables):
-    """Median ms of the rule's fused step on gradients shaped like `variables` (one op call per tensor)."""
-    from l2l_tf.update_rule import LSTMOptimizerState
+def bare_kernel_ms(optimizer, variables, repeats=300):
+    """Median ms of the CPU forward kernel alone (pybind11 module, all cores) over tensors shaped like `variables`:
+    one call per tensor as in fit, no TensorFlow, no state copies. None when the module is not built."""
+    try:
+        from l2l_tf import _kernels
+    except ImportError:
+        return None
+    rule, rng = optimizer.rule, np.random.default_rng(0)
+    phi = np.asarray(optimizer.phi.numpy(), np.float32)
+    inputs = [((rng.standard_normal(int(np.prod(v.shape))) * 1e-3).astype(np.float32),
+               np.zeros((rule.state_rows, int(np.prod(v.shape))), np.float32)) for v in variables]
+    kwargs = dict(hidden1=rule.hidden1, hidden2=rule.hidden2, preprocess=rule.preprocess,
+                  preprocess_param=rule.preprocess_param, num_threads=os.cpu_count() or 1)
 
-    rule = optimizer.rule.replace(implementation="fused")
-    phi = tf.convert_to_tensor(optimizer.phi)
-    grads = [tf.random.stateless_normal(v.shape, seed=[0, i]) * 1e-3 for i, v in enumerate(variables)]
-    state = rule.init_state(grads)
-    step = tf.function(lambda g, s: rule.step(phi, g, LSTMOptimizerState(s)))
-    return time_calls(step, (grads, state.lstm), warmup=20, repeats=500)[0]
+    def step():
+        for grad, state in inputs:
+            _kernels.forward_cpu(phi, grad, state, rule.output_scale, **kwargs)
 
-
+    for _ in range(20):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def main(argv):
