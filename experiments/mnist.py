@@ -1,8 +1,10 @@
 """The MNIST experiments (paper Fig. 4 middle/right and Fig. 5): an LSTM optimizer for a 784-20-10 sigmoid MLP.
 
-Meta-trains φ on the train split (or loads one with --phi), then for each requested setting tunes SGD/NAG/RMSprop/
-Adam learning rates on validation-split problems of that setting and runs every optimizer on the same test-split
-problems. Writes DIR/{results.json, figure.png, phi.npz, events (train/, test/, histograms/), checkpoint/}.
+Meta-trains φ on the train split, in one phase or in a curriculum of phases (--phase, repeated: unroll length,
+epochs, meta learning rate, meta-loss per phase, each starting from the previous phase's best φ), or loads one with
+--phi; then for each requested setting tunes SGD/NAG/RMSprop/Adam learning rates on validation-split problems of that
+setting and runs every optimizer on the same test-split problems. Writes DIR/{results.json, figure.png, phi.npz,
+events (train/, test/, histograms/), checkpoint/}.
 
     python experiments/mnist.py --flagfile=experiments/mnist.cfg --logdir=/tmp/mnist            # meta-train + base, steps200
     python experiments/mnist.py --flagfile=experiments/mnist_transfer.cfg --logdir=/tmp/transfer  # shipped φ on all 5
