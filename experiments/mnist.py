@@ -122,8 +122,8 @@ def training_phases():
             problems.append(f"unroll_length must divide --num_steps ({FLAGS.num_steps})")
         if phase["epochs"] < 1 or not phase["learning_rate"] > 0:
             problems.append("epochs and learning_rate must be positive")
-        for key, choices in (("meta_lr_decay", ("none", "cosine")), ("meta_loss", ("sum", "log")),
-                             ("loss_weights", ("uniform", "rising"))):
+        for key in ("meta_lr_decay", "meta_loss", "loss_weights"):
+            choices = FLAGS[key].parser.enum_values
             if phase[key] not in choices:
                 problems.append(f"{key} must be one of {choices}")
         if problems:

@@ -239,6 +239,24 @@ def test_flagfiles_parse_into_the_two_phase_recipe(cfg):
         (20, "log", "uniform"), (100, "sum", "rising")]
 
 
+def test_bad_phases_are_usage_errors_naming_the_problem():
+    code = ("import sys; sys.argv = ['mnist.py']; from experiments import mnist; from absl import app, flags; "
+            "flags.FLAGS(['mnist.py', '--num_steps=100'])\n"
+            "for spec in ['unroll_length=7', 'epochs=0', 'meta_loss=mean', 'speed=3', 'learning_rate=fast']:\n"
+            "    flags.FLAGS.phase = [spec]\n"
+            "    try:\n        mnist.training_phases(); print('accepted', spec)\n"
+            "    except app.UsageError as error:\n        print('error', error)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("error", "accepted"))]
+    assert len(lines) == 5 and all(line.startswith("error") for line in lines), lines
+    for line, expected in zip(lines, ["must divide --num_steps (100)", "must be positive", "meta_loss must be one of",
+                                      "unknown key 'speed'", "bad value for learning_rate"]):
+        assert expected in line, line
+
+
 def test_binary_offline_tfds_fails_in_seconds(tmp_path):
     """The real binary, with TFDS and an empty data_dir, in a child whose sockets all fail (never the network)."""
     sitecustomize = tmp_path / "site" / "sitecustomize.py"
