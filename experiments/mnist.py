@@ -59,7 +59,8 @@ flags.DEFINE_multi_string(
     "A meta-training phase, KEY=VALUE[,KEY=VALUE...] with keys unroll_length, epochs, learning_rate, meta_lr_decay, "
     "meta_loss, loss_weights (missing keys take the flags of those names; epochs: --num_epochs). Repeat the flag "
     "for a curriculum: the phases run in order, each starting from the best φ of the one before. Without it: one "
-    "phase from the flags. --num_epochs=0 always means: evaluate --phi only.")
+    "phase from the flags. --num_epochs=0 always means: evaluate --phi only. (Phases on the command line add to "
+    "those of a --flagfile.)")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
 flags.DEFINE_enum("meta_lr_decay", "none", ["none", "cosine"],
                   "Schedule of the meta learning rate: constant, or cosine decay to a tenth of --learning_rate "
