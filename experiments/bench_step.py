@@ -6,8 +6,8 @@ overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
 
 --benchmark=fit: time per `model.fit` step of the 784-20-10 sigmoid MLP (batch 128) with `LearnedOptimizer`
 (each available implementation, the shipped MNIST φ) vs `keras.optimizers.Adam`, in one process, the optimizers
-interleaved round by round so that they see the same machine load (median of per-round medians), plus the
-fused LSTM step alone on the same tensors.
+interleaved round by round so that they see the same machine load (median of per-round medians), plus the C++
+forward kernel alone (pybind11 module) on the same tensors.
 
 Implementations: tf_eager (l2l_tf.ops.reference eagerly), tf_function (reference in tf.function),
 tf_xla (reference in tf.function(jit_compile=True)), fused (the custom op in tf.function).
@@ -161,7 +161,6 @@ def load_data():
     return rng.uniform(size=(3000, 784)).astype(np.float32), rng.integers(0, 10, 3000).astype(np.int32)
 
 
-
 def fit_benchmark():
     """ms per model.fit step of the MLP: Adam vs LearnedOptimizer (each implementation), interleaved rounds."""
     import keras
@@ -186,8 +185,9 @@ def fit_benchmark():
     for kind in kinds:
         model = build_mlp([int(h) for h in FLAGS.fit_hidden], FLAGS.fit_activation, seed=0)
         model.compile(optimizer=make_optimizer(kind), loss=cross_entropy(), jit_compile=False)
-        model.fit(x[:FLAGS.fit_batch_size * 5], y[:FLAGS.fit_batch_size * 5], batch_size=FLAGS.fit_batch_size, epochs=1,
-                  verbose=0, shuffle=False)  # trace and warm up
+        warmup = FLAGS.fit_batch_size * 5
+        model.fit(x[:warmup], y[:warmup], batch_size=FLAGS.fit_batch_size, epochs=1, verbose=0,
+                  shuffle=False)  # trace and warm up
         models[kind] = model
 
     # The LSTM kernel alone on the same coordinates: the part of the learned optimizer's step that no framework
@@ -206,7 +206,8 @@ def fit_benchmark():
         print(f"{kind}: per-round median ms/step " + ", ".join(f"{ms:.3f}" for ms in per_round[kind]))
     adam = statistics.median(per_round["adam"])
     print(f"\nmodel.fit step of the MLP 784-{'-'.join(FLAGS.fit_hidden)}-10 ({FLAGS.fit_activation}), batch "
-          f"{FLAGS.fit_batch_size}, {FLAGS.fit_steps} steps × {FLAGS.fit_rounds} rounds (median of per-round medians); "
+          f"{FLAGS.fit_batch_size}, {FLAGS.fit_steps} steps × {FLAGS.fit_rounds} rounds "
+          "(median of per-round medians); "
           f"fused op built: {ops.fused_available()}; TF {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPUs")
     print(f"| optimizer | implementation | ms/step | ratio to Adam |")
@@ -230,8 +231,9 @@ def bare_kernel_ms(optimizer, variables, repeats=300):
         return None
     rule, rng = optimizer.rule, np.random.default_rng(0)
     phi = np.asarray(optimizer.phi.numpy(), np.float32)
-    inputs = [((rng.standard_normal(int(np.prod(v.shape))) * 1e-3).astype(np.float32),
-               np.zeros((rule.state_rows, int(np.prod(v.shape))), np.float32)) for v in variables]
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    inputs = [((rng.standard_normal(n) * 1e-3).astype(np.float32), np.zeros((rule.state_rows, n), np.float32))
+              for n in sizes]
     kwargs = dict(hidden1=rule.hidden1, hidden2=rule.hidden2, preprocess=rule.preprocess,
                   preprocess_param=rule.preprocess_param, num_threads=os.cpu_count() or 1)
 

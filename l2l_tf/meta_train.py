@@ -20,8 +20,12 @@ from l2l_tf.problems import seeds_for
 from l2l_tf.update_rule import LSTMUpdateRule, save_phi
 
 
+# Floor of f(θ_t) under the log meta-loss: keeps it finite when a loss reaches exactly zero.
+LOG_LOSS_FLOOR = 1e-12
+
+
 def _log_loss(loss):
-    return tf.math.log(tf.maximum(loss, 1e-12))  # the floor keeps it finite when a loss reaches exactly zero
+    return tf.math.log(tf.maximum(loss, LOG_LOSS_FLOOR))
 
 
 # Per-step meta-objective of f(θ_t).
@@ -139,8 +143,7 @@ class MetaTrainer:
         (log f(θ_t) with meta_loss="log")."""
         losses = self.validation_evaluator.losses(baselines.learned(self.rule), {"phi": self.phi}, seeds)
         if self.meta_loss == "log":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                losses = np.log(losses)
+            losses = np.log(np.maximum(losses, LOG_LOSS_FLOOR))  # the floor of training; NaN stays NaN
         weights = self.loss_weights.numpy().astype(np.float64)
         value = float(np.mean(losses[:, 1:] @ weights) / weights.sum())
         return value if math.isfinite(value) else math.inf

@@ -103,6 +103,19 @@ def test_log_meta_gradient_is_the_chain_rule_of_the_sum():
     np.testing.assert_allclose(grad_log.numpy(), grad_sum.numpy() / float(f1), rtol=1e-4, atol=1e-7)
 
 
+def test_log_validation_of_a_zero_loss_uses_the_training_floor():
+    """A loss of exactly 0 is log(LOG_LOSS_FLOOR) in validation as in training, not -inf (scored as diverged)."""
+    from l2l_tf.meta_train import LOG_LOSS_FLOOR
+
+    class ZeroFamily(LinearFamily):
+        def loss(self, params, extra, data, step):
+            return 0.0 * tf.reduce_sum(params[0] * data), extra
+
+    trainer = MetaTrainer(SMALL_RULE, ZeroFamily(), num_steps=4, unroll_length=2, meta_loss="log")
+    np.testing.assert_allclose(trainer.validate([0, 1]), np.log(LOG_LOSS_FLOOR), rtol=1e-6)
+    np.testing.assert_allclose(float(unroll_loss(trainer, trainer.phi)), 2 * np.log(LOG_LOSS_FLOOR), rtol=1e-5)
+
+
 def test_checkpoint_of_another_meta_loss_is_refused(tmp_path):
     family = QuadraticFamily(batch_size=4, num_dims=3)
     MetaTrainer(SMALL_RULE, family, num_steps=4, unroll_length=2).save(str(tmp_path))

