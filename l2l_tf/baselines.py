@@ -9,24 +9,27 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
-from l2l_tf.update_rule import LSTMUpdateRule
+from l2l_tf.rules import UpdateRule
 
 
 class FunctionalOptimizer(NamedTuple):
-    """`init(params) -> state`; `update(hparams, grads, state, params) -> (updates, state)`; θ ← θ + updates."""
+    """`init(params, specs) -> state`; `update(hparams, grads, state, params) -> (updates, state)`; θ ← θ + updates.
+
+    `specs` are the tensors' ParamSpecs (their paths), which learned rules may route by; the baselines ignore them.
+    """
 
     name: str
     init: Callable
     update: Callable
 
 
-def _zeros_like(params):
+def _zeros_like(params, specs=None):
     return tuple(tf.zeros_like(p) for p in params)
 
 
 def sgd():
     return FunctionalOptimizer(
-        "sgd", lambda params: (),
+        "sgd", lambda params, specs=None: (),
         lambda hp, grads, state, params: ([-hp["learning_rate"] * g for g in grads], state))
 
 
@@ -60,7 +63,7 @@ def rmsprop(rho=0.9, epsilon=1e-7):
 def adam(beta1=0.9, beta2=0.999, epsilon=1e-7):
     """Keras' Adam: bias-corrected moments, Δ = −lr_t m / (√v + ε)."""
 
-    def init(params):
+    def init(params, specs=None):
         return (tf.constant(0.0), _zeros_like(params), _zeros_like(params))
 
     def update(hp, grads, state, params):
@@ -80,8 +83,12 @@ BASELINES = {"sgd": sgd, "momentum": momentum, "nag": nag, "rmsprop": rmsprop, "
 DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 
 
-def learned(rule: LSTMUpdateRule):
-    """The learned optimizer as a FunctionalOptimizer; its hparams are {"phi": φ}."""
+def learned(rule: UpdateRule, implementation="auto", name="lstm"):
+    """The learned optimizer as a FunctionalOptimizer; its hparams are {"phi": φ tree}.
+
+    Build it once per rule and reuse it: evaluators trace one function per FunctionalOptimizer.
+    """
+    rule.check_implementation(implementation)
     return FunctionalOptimizer(
-        "lstm", lambda params: rule.init_state(params),
-        lambda hp, grads, state, params: rule.step(hp["phi"], grads, state))
+        name, lambda params, specs=None: rule.init_state(params if specs is None else specs),
+        lambda hp, grads, state, params: rule.step(hp["phi"], grads, state, implementation=implementation))

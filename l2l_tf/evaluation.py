@@ -31,15 +31,15 @@ class Evaluator:
 
     def __init__(self, family, num_steps, jit_compile=False):
         self.family, self.num_steps, self.jit_compile = family, int(num_steps), jit_compile
-        self._runs = {}
+        self.param_specs = family.param_specs()
+        self._runs = {}  # FunctionalOptimizer (held, so never confused with a later one) → its traced run
 
     def _run_fn(self, optimizer: FunctionalOptimizer):
-        key = id(optimizer.update)
-        if key not in self._runs:
-            family, num_steps = self.family, self.num_steps
+        if optimizer not in self._runs:
+            family, num_steps, specs = self.family, self.num_steps, self.param_specs
 
             def run(hparams, params, extra, data):
-                state = optimizer.init(params)
+                state = optimizer.init(params, specs)
                 losses = tf.TensorArray(tf.float32, size=num_steps + 1)
 
                 def body(step, params, extra, state, losses):
@@ -53,13 +53,13 @@ class Evaluator:
                 final_loss, _ = family.loss(params, extra, data, tf.constant(num_steps))
                 return losses.write(num_steps, final_loss).stack()
 
-            self._runs[key] = (optimizer, tf.function(run, jit_compile=self.jit_compile))
-        return self._runs[key][1]
+            self._runs[optimizer] = tf.function(run, jit_compile=self.jit_compile)
+        return self._runs[optimizer]
 
     def losses(self, optimizer: FunctionalOptimizer, hparams, seeds):
         """float64 array [len(seeds), T + 1] of f(θ_t) on the problems drawn from `seeds`."""
         run = self._run_fn(optimizer)
-        hparams = {k: tf.convert_to_tensor(v, tf.float32) for k, v in hparams.items()}
+        hparams = tf.nest.map_structure(lambda v: tf.convert_to_tensor(v, tf.float32), hparams)
         rows = []
         for seed in seeds:
             problem = self.family.sample(seed)

@@ -1,12 +1,13 @@
-"""`LearnedOptimizer`: the coordinatewise LSTM update rule as a Keras 3 optimizer.
+"""`LearnedOptimizer`: any update rule (l2l_tf.rules) as a Keras 3 optimizer.
 
     model.compile(optimizer=LearnedOptimizer.from_pretrained("quadratic"), loss="mse")
     model.fit(x, y)
 
-Every model variable gets its own LSTM state slot, [S, size] (rows h1 | c1 | h2 | c2, one column per coordinate),
-and all of them share one flat φ, stored as a non-trainable optimizer variable so that `.keras` files and
-`tf.train.Checkpoint`s carry it together with the state. One optimizer step is exactly `LSTMUpdateRule.step`
-(update_rule.py) per variable, times `learning_rate`.
+φ is stored as optimizer variables, one per leaf, named by its path ("phi.lstm1.w"), and so is the rule's state:
+its shared parts, then each model variable's per-coordinate parts (for the LSTM one [S, size] slot per variable,
+rows h1 | c1 | h2 | c2, one column per coordinate), so that `.keras` files and `tf.train.Checkpoint`s carry them.
+One optimizer step is exactly the rule's `step`, times `learning_rate`: variable by variable for coordinatewise
+rules (Keras' own per-variable loop, sparse gradients row by row), all variables in one call otherwise.
 """
 import math
 import numbers
@@ -19,14 +20,15 @@ import numpy as np
 import tensorflow as tf
 
 from l2l_tf import ops
-from l2l_tf.update_rule import LSTMOptimizerState, LSTMUpdateRule, load_phi
+from l2l_tf.rules import (LSTMUpdateRule, RuleState, UpdateRule, leaf_paths, load_phi, param_specs, rule_from_config,
+                          rule_to_config, tree_from_paths)
 
 # Where `from_pretrained` looks for <name>.npz (files written by `save_phi`). A module attribute so that tests and
 # users with their own collection can point it elsewhere.
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
-_RULE_FIELDS = ("hidden1", "hidden2", "preprocess", "preprocess_param", "output_scale")
+_LSTM_FIELDS = ("hidden1", "hidden2", "preprocess", "preprocess_param", "output_scale")
 
 
 def available_pretrained():
@@ -47,89 +49,129 @@ def _standardize_state_dtype(state_dtype):
     return name
 
 
-def _rule_mismatch(file_rule, rule):
-    """Human-readable list of the rule fields where `rule` differs from the file's."""
+def _config_differences(file_rule, rule):
+    """Human-readable list of the configuration entries where `rule` differs from the file's."""
+    if type(file_rule) is not type(rule):
+        return [f"rule {file_rule.name!r} in the file vs {rule.name!r} given"]
+    ours, theirs = file_rule.get_config(), rule.get_config()
     diffs = []
-    for field in _RULE_FIELDS:
-        a, b = getattr(file_rule, field), getattr(rule, field)
-        same = math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) if isinstance(a, float) else a == b
+    for key in ours:
+        a, b = ours[key], theirs.get(key)
+        same = math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) if isinstance(a, float) and isinstance(b, float) \
+            else a == b
         if not same:
-            diffs.append(f"{field}={a!r} in the file vs {b!r} given")
+            diffs.append(f"{key}={a!r} in the file vs {b!r} given")
     return diffs
+
+
+def _resolve_rule(rule, lstm_args):
+    """The rule from `rule` (an UpdateRule or a `rule_to_config` dict) and the plain-LSTM keyword arguments."""
+    given = {k: v for k, v in lstm_args.items() if v is not None}
+    if rule is None:
+        return LSTMUpdateRule(**given)
+    if isinstance(rule, dict):
+        rule = rule_from_config(rule)
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"rule must be an UpdateRule or its config dict, got {type(rule).__name__}")
+    if given:
+        if not isinstance(rule, LSTMUpdateRule):
+            raise ValueError(f"{sorted(given)} configure the plain LSTM rule; the {rule.name!r} rule takes its "
+                             "configuration from `rule`")
+        diffs = _config_differences(rule, LSTMUpdateRule(**{**rule.get_config(), **given}))
+        if diffs:
+            raise ValueError("the LSTM arguments differ from `rule`: " + "; ".join(
+                d.replace("in the file", "in rule") for d in diffs))
+    return rule
+
+
+def _slot_name(variable, path):
+    name = _variable_name(variable).replace("/", "_").replace(":", "_")
+    return f"{name}_lstm_state" if path == "" else f"{name}_state.{path.replace('/', '.')}"
 
 
 @keras.saving.register_keras_serializable(package="l2l_tf")
 class LearnedOptimizer(keras.optimizers.Optimizer):
-    """Optimizer that applies a learned coordinatewise LSTM update (Andrychowicz et al., 2016).
+    """Optimizer that applies a learned update rule (Andrychowicz et al., 2016), by default the coordinatewise LSTM.
 
-    For every model variable θ with gradient ∇ and LSTM state h:
+    For every model variable θ with gradient ∇ and rule state h (the LSTM: one small 2-layer LSTM shared by all
+    coordinates):
 
-        g, h ← LSTM_φ(preprocess(∇), h)            (one small 2-layer LSTM shared by all coordinates)
-        θ ← θ + learning_rate · output_scale · g
+        u, h ← rule.step(φ, ∇, h)
+        θ ← θ + learning_rate · u                  (the LSTM's u = output_scale · LSTM_φ(preprocess(∇)))
 
-    i.e. `LSTMUpdateRule.step` times `learning_rate`. The LSTM was meta-trained with `output_scale`, so keep that
-    at the value φ was trained with and use `learning_rate` (1.0 = the rule as trained; a float, a
+    The rule was meta-trained as it is, so keep its configuration (e.g. `output_scale`) at the values φ was trained
+    with and use `learning_rate` (1.0 = the rule as trained; a float, a
     `keras.optimizers.schedules.LearningRateSchedule` or a callable) to shrink, grow or schedule the steps.
     Note the base class's `weight_decay` is also multiplied by `learning_rate` (θ ← θ − lr·wd·θ).
 
-    State: one slot per model variable, shape [S, size] with S = 2·(hidden1 + hidden2), zero at the start.
-    The LSTM math always runs in float32: gradients of float16/bfloat16/float64 variables are cast to float32 and
-    the update is cast back to the variable's dtype; state is stored in `state_dtype`.
+    State: the rule's `init_state` for the model's variables, zero at the start (the LSTM: one slot per model
+    variable, shape [S, size] with S = 2·(hidden1 + hidden2)). The rule's math runs in float32: gradients of
+    float16/bfloat16/float64 variables are cast to float32 and the update is cast back to the variable's dtype;
+    floating state is stored in `state_dtype`.
 
-    Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`): duplicate indices are summed first (the same
-    gradient the dense path would see for those rows); then only the touched rows take an LSTM step: their
-    coordinates are updated and their state columns advance, while untouched rows keep both their values and
-    their state, as if their step had been skipped. (Inside XLA compilation the same result is computed with a
-    dense masked step, since XLA needs static shapes.)
+    Stepping: a coordinatewise rule (the LSTM, a Partitioned rule of coordinatewise rules) steps each variable in
+    Keras' per-variable `update_step`; any other rule steps all variables in one call (`_backend_update_step`), so
+    it can read and write state shared across coordinates, with sparse gradients densified.
+
+    Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`) with a coordinatewise rule: duplicate indices are
+    summed first (the same gradient the dense path would see for those rows); then only the touched rows take a
+    step: their coordinates are updated and their state columns advance, while untouched rows keep both their
+    values and their state, as if their step had been skipped. (Inside XLA compilation the same result is computed
+    with a dense masked step, since XLA needs static shapes.)
 
     Args:
-        phi: the LSTM weights: None (a fresh `init_phi(phi_seed)`, untrained), a float vector of shape [P]
-            (numpy array or tensor), or the path of an .npz written by `save_phi`, whose stored rule
-            (hidden1, hidden2, preprocess, preprocess_param, output_scale) must equal the arguments here;
+        phi: the rule's weights: None (a fresh `rule.init_phi(phi_seed)`, untrained), a φ tree (nested dict of
+            arrays or tensors; for the LSTM also the flat [P] vector of files before format version 2), or the
+            path of a φ file written by `save_phi`, whose stored rule must equal this optimizer's;
             `LearnedOptimizer.from_file(path)` / `from_pretrained(name)` take the file's rule instead.
-        hidden1: units of the first LSTM layer.
-        hidden2: units of the second LSTM layer.
-        preprocess: gradient preprocessing, "paper" (LogAndSign, p = 10), "clamped" (release, k = 5) or "none".
-        preprocess_param: p for "paper" / k for "clamped"; None for the default.
-        output_scale: the LSTM output is multiplied by this (the value φ was trained with).
-        learning_rate: multiplies the update on top of `output_scale`; defaults to 1.0 (the rule as trained).
-        state_dtype: storage dtype of the LSTM state slots: "float32" (default), "bfloat16" or "float16".
-            The state is computed in float32 and rounded when stored.
-        implementation: "auto" (the fused op when built, the pure-TF reference inside XLA compilation or when
-            the op is missing), "fused" (error if not built, or under `jit_compile=True`) or "reference".
+        hidden1, hidden2, preprocess, preprocess_param, output_scale: the plain LSTM rule's arguments (defaults
+            20, 20, "paper", the form's default, 0.1), when `rule` is not given; with a `rule` they may be given
+            only if they equal its values.
+        learning_rate: multiplies the update; defaults to 1.0 (the rule as trained).
+        state_dtype: storage dtype of the floating state: "float32" (default), "bfloat16" or "float16". The
+            state is computed in float32 and rounded when stored.
+        implementation: how the step runs: "auto" (the fused op when built and the rule supports it, the pure-TF
+            path inside XLA compilation or when the op is missing), "fused" (error if not built, for a rule the
+            op cannot run, or under `jit_compile=True`) or "reference". A run-time choice: saved with the
+            optimizer's config, but a `.keras` file saved with "fused" loads as "auto" (with a warning) where the
+            op is missing.
         phi_seed: seed of the fresh φ when `phi` is None (also used by `from_config`, before saved
             variables are loaded).
         name: the optimizer's name.
+        rule: the update rule: an `UpdateRule` (e.g. `Partitioned(...)`) or its `rule_to_config` dict; default
+            the plain LSTM of the arguments above.
         **kwargs: the usual Keras optimizer arguments: weight_decay, clipnorm, clipvalue, global_clipnorm,
             use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps.
 
     Raises:
         FileNotFoundError: `phi` names a missing file.
-        ValueError: a bad φ (unreadable or malformed file, wrong shape for the configuration, non-finite values,
-            a file whose rule differs from the arguments), a bad rule argument or a bad `state_dtype`.
-        TypeError: `phi` of an unsupported type; (at build/update time) a non-floating variable or gradient.
+        ValueError: a bad φ (unreadable or malformed file, wrong shape for the rule, non-finite values, a file
+            whose rule differs), a bad rule argument or a bad `state_dtype`.
+        TypeError: `phi` or `rule` of an unsupported type; (at build/update time) a non-floating variable or
+            gradient.
         RuntimeError: implementation="fused" without the compiled op.
     """
 
     def __init__(
         self,
         phi=None,
-        hidden1=20,
-        hidden2=20,
-        preprocess="paper",
+        hidden1=None,
+        hidden2=None,
+        preprocess=None,
         preprocess_param=None,
-        output_scale=0.1,
+        output_scale=None,
         learning_rate=1.0,
         state_dtype="float32",
         implementation="auto",
         phi_seed=0,
         name="learned_optimizer",
+        rule=None,
         **kwargs,
     ):
         # Validate everything before any variable exists.
-        rule = LSTMUpdateRule(hidden1=hidden1, hidden2=hidden2, preprocess=preprocess,
-                              preprocess_param=preprocess_param, output_scale=output_scale,
-                              implementation=implementation)
+        rule = _resolve_rule(rule, dict(hidden1=hidden1, hidden2=hidden2, preprocess=preprocess,
+                                        preprocess_param=preprocess_param, output_scale=output_scale))
+        rule.check_implementation(implementation)
         state_dtype = _standardize_state_dtype(state_dtype)
         phi_value, phi_metadata = self._resolve_phi(phi, rule, phi_seed)
         if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
@@ -137,57 +179,68 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
 
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self._rule = rule
+        self.implementation = implementation
         self.state_dtype = state_dtype
         self.phi_seed = phi_seed
         self.phi_metadata = phi_metadata
-        self._states = []
+        self._slots = []          # per model variable: {leaf path: state variable} of its per-coordinate state
+        self._slot_templates = []  # per model variable: the per-coordinate state's structure (to repack)
+        self._shared = {}         # {leaf path: variable} of the shared state
+        self._shared_template = ()
         self._deferred_slot_values = None
-        self._phi = self.add_variable(shape=(rule.num_params,), initializer=_ConstantArray(phi_value),
-                                      dtype="float32", name="phi")
-        # iteration (+ learning_rate) + phi: what exists before `build`; `.keras` stores variables by position.
+        self._phi = tree_from_paths([
+            (path, self.add_variable(shape=tuple(value.shape), initializer=_ConstantArray(value), dtype="float32",
+                                     name="phi." + path.replace("/", ".")))
+            for path, value in leaf_paths(phi_value)])
+        # iteration (+ learning_rate) + φ leaves: what exists before `build`; `.keras` stores variables by position.
         self._num_unbuilt_variables = len(self.variables)
 
     # ---- construction helpers ----
     @staticmethod
     def _resolve_phi(phi, rule, phi_seed):
-        """(float32 numpy [P], metadata dict) from the `phi` argument."""
+        """(φ tree of float32 numpy arrays, metadata dict) from the `phi` argument."""
         if phi is None:
-            return np.asarray(rule.init_phi(phi_seed)), {}
-        if isinstance(phi, (str, os.PathLike)):
+            value, metadata = rule.init_phi(phi_seed), {}
+        elif isinstance(phi, (str, os.PathLike)):
             file_rule, value, metadata = load_phi(phi)
-            diffs = _rule_mismatch(file_rule, rule)
+            diffs = _config_differences(file_rule, rule)
             if diffs:
                 raise ValueError(
                     f"φ file {os.fspath(phi)!r} does not match this optimizer's configuration: {'; '.join(diffs)}. "
                     "Pass the file's values, or use LearnedOptimizer.from_file(path) to take them from the file "
                     "(rescale steps with learning_rate, not output_scale).")
-            return np.asarray(value, np.float32), dict(metadata)
-        if isinstance(phi, keras.Variable):
-            phi = phi.numpy()
-        if not (isinstance(phi, (np.ndarray, list, tuple)) or tf.is_tensor(phi)):
-            raise TypeError(f"phi must be None, a path to a save_phi .npz, or a float vector of shape "
-                            f"({rule.num_params},); got {type(phi).__name__}")
-        value = np.asarray(phi)
-        if not (np.issubdtype(value.dtype, np.floating) or value.dtype == tf.bfloat16.as_numpy_dtype):
-            raise ValueError(f"phi must hold floating-point values, got dtype {value.dtype}")
-        value = value.astype(np.float32)
-        rule.check_phi(value)
-        if not np.all(np.isfinite(value)):
+        else:
+            if isinstance(phi, keras.Variable):
+                phi = phi.numpy()
+            if not (isinstance(phi, (dict, np.ndarray, list, tuple)) or tf.is_tensor(phi)):
+                raise TypeError(f"phi must be None, a path to a save_phi file, or a φ tree of shapes "
+                                f"{rule.phi_shapes()}; got {type(phi).__name__}")
+            value, metadata = _float_tree(rule, phi), {}
+        tree = rule.as_phi_tree(value)
+        rule.check_phi(tree)
+        arrays = [(path, np.asarray(leaf, np.float32)) for path, leaf in leaf_paths(tree)]
+        if not all(np.all(np.isfinite(a)) for _, a in arrays):
             raise ValueError("phi holds non-finite values (NaN or inf)")
-        return value, {}
+        return tree_from_paths(arrays), dict(metadata)
 
     @classmethod
     def from_file(cls, path, **kwargs):
-        """An optimizer with the φ and the rule configuration stored in `path` (an .npz written by `save_phi`).
+        """An optimizer with the φ and the rule stored in `path` (a φ file written by `save_phi`).
 
-        `kwargs` go to the constructor (learning_rate, state_dtype, implementation, name, clipnorm, ...). Rule
+        `kwargs` go to the constructor (learning_rate, state_dtype, implementation, name, clipnorm, ...). LSTM
         arguments (hidden1, hidden2, preprocess, preprocess_param, output_scale) may be given but must equal the
         file's: φ is only meaningful with the rule it was trained with.
         """
         file_rule, _, _ = load_phi(path)
-        config = {field: getattr(file_rule, field) for field in _RULE_FIELDS}
-        config.update(kwargs)
-        return cls(phi=path, **config)
+        given = {field: kwargs.pop(field) for field in _LSTM_FIELDS if kwargs.get(field) is not None}
+        if given and not isinstance(file_rule, LSTMUpdateRule):
+            raise ValueError(f"{sorted(given)} configure the plain LSTM rule; {os.fspath(path)!r} holds a "
+                             f"{file_rule.name!r} rule")
+        diffs = _config_differences(file_rule, file_rule.replace(**given)) if given else []
+        if diffs:
+            raise ValueError(f"φ file {os.fspath(path)!r} does not match this optimizer's configuration: "
+                             f"{'; '.join(diffs)}")
+        return cls(phi=path, rule=file_rule, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name, **kwargs):
@@ -205,29 +258,55 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
     # ---- inspection ----
     @property
     def rule(self):
-        """The `LSTMUpdateRule` this optimizer applies (hyperparameters; φ is `self.phi`)."""
+        """The `UpdateRule` this optimizer applies (its configuration; φ is `self.phi`)."""
         return self._rule
 
     @property
     def phi(self):
-        """The float32 [P] φ variable (assign to it to swap in other weights)."""
+        """φ as a tree of float32 variables, one per leaf (assign to them, or use `set_phi`, to swap weights)."""
         return self._phi
 
+    def phi_value(self):
+        """φ as a tree of float32 tensors."""
+        return tree_from_paths([(path, tf.convert_to_tensor(v.value)) for path, v in leaf_paths(self._phi)])
+
+    def set_phi(self, phi):
+        """Assigns new weights (a φ tree, or anything the `phi` argument takes but None) to φ's variables."""
+        tree, _ = self._resolve_phi(phi, self._rule, self.phi_seed) if phi is not None else (None, None)
+        if tree is None:
+            raise ValueError("set_phi needs a φ (a tree, an array or a φ file path)")
+        for (_, variable), (_, value) in zip(leaf_paths(self._phi), leaf_paths(tree)):
+            variable.assign(value)
+
     def state_slot(self, variable):
-        """The [S, size] LSTM state variable of a model variable (after `build`)."""
+        """The per-coordinate state of a model variable (after `build`): for the LSTM its [S, size] variable,
+        for other rules the nest of state variables."""
         if not self.built:
             raise ValueError("the optimizer is not built yet: call build(variables) or train first")
-        return self._states[self._get_variable_index(variable)]
+        index = self._get_variable_index(variable)
+        slots = self._slots[index]
+        if slots is None:
+            return None
+        return tf.nest.pack_sequence_as(self._slot_templates[index], [slots[p] for p, _ in
+                                                                       leaf_paths(self._slot_templates[index])])
+
+    @property
+    def shared_state(self):
+        """The shared state's variables (a nest; () for rules without shared state)."""
+        return self._pack(self._shared_template, self._shared)
 
     def reset_state(self):
-        """Zeroes every LSTM state slot (e.g. before optimizing a new problem with the same optimizer)."""
-        for slot in self._states:
-            if slot is not None:
-                slot.assign(tf.zeros(slot.shape, slot.dtype))
+        """Zeroes the rule's state (e.g. before optimizing a new problem with the same optimizer)."""
+        for slot in self._state_variables():
+            slot.assign(tf.zeros(slot.shape, slot.dtype))
+
+    def _state_variables(self):
+        return list(self._shared.values()) + [v for slots in self._slots if slots for v in slots.values()]
 
     # ---- Keras optimizer API ----
     def build(self, var_list):
-        """Creates one LSTM state slot, [S, size] in `state_dtype`, per model variable (φ already exists)."""
+        """Creates the rule's state as optimizer variables: shared parts, then each variable's per-coordinate parts
+        (φ already exists)."""
         if self.built:
             return
         for variable in var_list:
@@ -237,76 +316,125 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
                     f"LearnedOptimizer only updates floating-point variables; {_variable_name(variable)!r} has "
                     f"dtype {dtype.name}")
         super().build(var_list)
-        states = []
-        for variable in var_list:
+        with tf.init_scope():  # build may run while a train step is traced: the initial state must be concrete
+            state = self._rule.init_state(param_specs(var_list))
+        self._shared_template = state.shared
+        self._shared = {path: self._state_variable(value, "shared_state." + path.replace("/", "."))
+                        for path, value in _leaves(state.shared)}
+        self._slots, self._slot_templates = [], []
+        for variable, entry in zip(var_list, state.per_coordinate):
+            self._slot_templates.append(entry)
             if self._overwrite_variable_with_gradient(variable):
-                states.append(None)
+                self._slots.append(None)
                 continue
-            size = math.prod(variable.shape)
-            states.append(self.add_variable(
-                shape=(self._rule.state_rows, size), initializer="zeros", dtype=self.state_dtype,
-                name=f"{_variable_name(variable).replace('/', '_').replace(':', '_')}_lstm_state"))
-        self._states = states
+            self._slots.append({path: self._state_variable(value, _slot_name(variable, path))
+                                for path, value in _leaves(entry)})
         if self._deferred_slot_values is not None:
             self._restore_deferred()
 
-    def update_step(self, gradient, variable, learning_rate):
-        """One LSTM step for one variable: θ ← θ + learning_rate · rule.step(φ, ∇, h); h ← new state."""
+    def _state_variable(self, value, name):
+        dtype = self.state_dtype if tf.as_dtype(value.dtype).is_floating else tf.as_dtype(value.dtype).name
+        return self.add_variable(shape=tuple(value.shape), initializer=_ConstantArray(value, dtype), dtype=dtype,
+                                 name=name)
+
+    @staticmethod
+    def _pack(template, variables):
+        """The nest `template` with each leaf read from `variables` (by leaf path) in float32."""
+        values = [_read(variables[path]) for path, _ in _leaves(template)]
+        return tf.nest.pack_sequence_as(template, values) if values else template
+
+    def _write(self, variables, template, value):
+        for (path, _), new in zip(_leaves(template), tf.nest.flatten(value)):
+            self.assign(variables[path], tf.cast(new, variables[path].dtype))
+
+    def _check_gradient(self, gradient, variable):
         grad_dtype = tf.as_dtype(gradient.dtype)
         if not grad_dtype.is_floating:
             raise TypeError(f"LearnedOptimizer needs floating-point gradients; got {grad_dtype.name} for "
                             f"{_variable_name(variable)!r}")
-        slot = self._states[self._get_variable_index(variable)]
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Coordinatewise rules: Keras' per-variable loop (`update_step`). Other rules: one collective step."""
+        if self._rule.coordinatewise:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        for grad, variable in zip(grads, trainable_variables):
+            self._check_gradient(grad, variable)
+        indices = [self._get_variable_index(v) for v in trainable_variables]
+        grads = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads]  # IndexedSlices densified
+        per_coordinate = tuple(self._pack(self._slot_templates[i], self._slots[i]) for i in indices)
+        state = RuleState(per_coordinate, self._pack(self._shared_template, self._shared))
+        updates, state = self._rule.step(self.phi_value(), grads, state, implementation=self.implementation)
         lr = tf.cast(learning_rate, tf.float32)
-        phi = tf.convert_to_tensor(self._phi.value)
-        # The ops layer picks the step's implementation: under XLA (jit_compile) "auto" runs the pure-TF step.
-        rule = self._rule
+        for i, variable, update, entry in zip(indices, trainable_variables, updates, state.per_coordinate):
+            self._write(self._slots[i], self._slot_templates[i], entry)
+            self.assign_add(variable, tf.cast(lr * update, variable.dtype))
+        self._write(self._shared, self._shared_template, state.shared)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One step of a coordinatewise rule for one variable: θ ← θ + learning_rate · u; its state advances."""
+        self._check_gradient(gradient, variable)
+        index = self._get_variable_index(variable)
+        slots, template = self._slots[index], self._slot_templates[index]
+        lr = tf.cast(learning_rate, tf.float32)
+        phi = self.phi_value()
+        shared = self._pack(self._shared_template, self._shared)
         if isinstance(gradient, tf.IndexedSlices):
-            self._sparse_update(gradient, variable, slot, lr, phi, rule, dense=ops.fused.inside_xla_compilation())
+            # Under XLA (jit_compile) static shapes are needed: a dense masked step instead of gather/scatter.
+            self._sparse_update(gradient, variable, slots, template, shared, lr, phi,
+                                dense=ops.inside_xla_compilation())
             return
-        state = tf.cast(slot.value, tf.float32)
-        grad = tf.cast(gradient, tf.float32)
-        (update,), new_state = rule.step(phi, [grad], LSTMOptimizerState((state,)))
-        self.assign(slot, tf.cast(new_state.lstm[0], slot.dtype))
+        state = RuleState((self._pack(template, slots),), shared)
+        (update,), new_state = self._rule.step(phi, [tf.cast(gradient, tf.float32)], state,
+                                               implementation=self.implementation)
+        self._write(slots, template, new_state.per_coordinate[0])
         self.assign_add(variable, tf.cast(lr * update, variable.dtype))
 
-    def _sparse_update(self, gradient, variable, slot, lr, phi, rule, dense):
-        """An LSTM step for the touched rows only (duplicate indices summed first)."""
+    def _sparse_update(self, gradient, variable, slots, template, shared, lr, phi, dense):
+        """A step for the touched rows only (duplicate indices summed first): their state columns are gathered,
+        stepped and scattered back."""
         shape = tuple(variable.shape)
         row_size = math.prod(shape[1:])
         values = tf.cast(gradient.values, tf.float32)
         indices = tf.cast(gradient.indices, tf.int64)
-        state_rows = self._rule.state_rows
+        step = lambda grad, entry: self._rule.step(phi, [grad], RuleState((entry,), shared),
+                                                    implementation=self.implementation)
         if dense:  # static shapes for XLA: step every column, keep the untouched ones as they were
             summed = tf.math.unsorted_segment_sum(values, indices, shape[0])
             touched = tf.math.unsorted_segment_sum(tf.ones_like(indices, tf.float32), indices, shape[0]) > 0
             columns = tf.repeat(touched, row_size)
-            state = tf.cast(slot.value, tf.float32)
-            (update,), new_state = rule.step(phi, [tf.reshape(summed, [-1])], LSTMOptimizerState((state,)))
+            entry = self._pack(template, slots)
+            (update,), new_state = step(tf.reshape(summed, [-1]), entry)
             update = tf.where(columns, update, tf.zeros_like(update))
-            new_state = tf.where(columns[None, :], new_state.lstm[0], state)
-            self.assign(slot, tf.cast(new_state, slot.dtype))
+            new_entry = tf.nest.map_structure(lambda new, old: tf.where(columns[None, :], new, old),
+                                              new_state.per_coordinate[0], entry)
+            self._write(slots, template, new_entry)
             self.assign_add(variable, tf.cast(lr * tf.reshape(update, shape), variable.dtype))
             return
         rows, segments = tf.unique(indices)
         summed = tf.math.unsorted_segment_sum(values, segments, tf.shape(rows)[0])  # [k, *shape[1:]]
         columns = tf.reshape(rows[:, None] * row_size + tf.range(row_size, dtype=tf.int64)[None, :], [-1])
-        state = tf.cast(tf.gather(slot.value, columns, axis=1), tf.float32)  # [S, k·row_size]
-        (update,), new_state = rule.step(phi, [tf.reshape(summed, [-1])], LSTMOptimizerState((state,)))
+        entry = tf.nest.pack_sequence_as(template, [tf.cast(tf.gather(slots[p], columns, axis=1), tf.float32)
+                                                    for p, _ in _leaves(template)])
+        (update,), new_state = step(tf.reshape(summed, [-1]), entry)
         num_columns = tf.shape(columns, out_type=tf.int64)[0]
-        positions = tf.stack([tf.repeat(tf.range(state_rows, dtype=tf.int64), num_columns),
-                              tf.tile(columns, [state_rows])], axis=1)
-        slot.value.scatter_nd_update(positions, tf.reshape(tf.cast(new_state.lstm[0], slot.dtype), [-1]))
+        for (path, _), new in zip(_leaves(template), tf.nest.flatten(new_state.per_coordinate[0])):
+            slot = slots[path]
+            state_rows = slot.shape[0]
+            positions = tf.stack([tf.repeat(tf.range(state_rows, dtype=tf.int64), num_columns),
+                                  tf.tile(columns, [state_rows])], axis=1)
+            slot.value.scatter_nd_update(positions, tf.reshape(tf.cast(new, slot.dtype), [-1]))
         row_updates = tf.cast(lr * tf.reshape(update, tf.shape(summed)), variable.dtype)
         self.assign_add(variable, tf.IndexedSlices(row_updates, rows, tf.constant(shape, tf.int64)))
 
     # ---- saving ----
     def load_own_variables(self, store):
-        """`.keras` loading (variables by position), tolerant of a save made before the optimizer was built.
+        """`.keras` loading (variables by position), tolerant of a save made before the optimizer was built and of
+        files written before rules/ (one flat φ variable where φ's leaves are now).
 
-        Saved unbuilt, loaded built: φ (and the step counter) are restored, the LSTM state stays zero.
-        Saved built, loaded unbuilt: φ is restored now and the state slots when `build` creates them.
+        Saved unbuilt, loaded built: φ (and the step counter) are restored, the state stays zero.
+        Saved built, loaded unbuilt: φ is restored now and the state when `build` creates it.
         """
+        store = self._upgrade_store(store)
         count = len(store.keys())
         base = self._num_unbuilt_variables
         partial = count == base and self.built            # saved unbuilt, loaded built
@@ -315,12 +443,29 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
             for i in range(base):
                 self.variables[i].assign(store[str(i)])
             if partial:
-                warnings.warn(f"optimizer {self.name!r} was saved before it was built: φ restored, the LSTM "
+                warnings.warn(f"optimizer {self.name!r} was saved before it was built: φ restored, the rule's "
                               "state starts from zero", stacklevel=2)
             else:
                 self._deferred_slot_values = [np.asarray(store[str(i)]) for i in range(base, count)]
             return
         super().load_own_variables(store)
+
+    def _upgrade_store(self, store):
+        """A store written before rules/ (φ one flat [P] variable) as today's positions (φ one variable per leaf)."""
+        leaves = leaf_paths(self._phi)
+        first = base_of_phi = self._num_unbuilt_variables - len(leaves)
+        key = str(first)
+        if key not in store.keys() or not isinstance(self._rule, LSTMUpdateRule):
+            return store
+        flat = np.asarray(store[key])
+        if flat.shape != (self._rule.num_params,) or flat.shape == tuple(leaves[0][1].shape):
+            return store
+        tree = self._rule.as_phi_tree(flat)
+        upgraded = {str(i): store[str(i)] for i in range(base_of_phi)}
+        upgraded.update({str(base_of_phi + j): np.asarray(leaf) for j, (_, leaf) in enumerate(leaf_paths(tree))})
+        shift = len(leaves) - 1
+        upgraded.update({str(i + shift): store[str(i)] for i in range(first + 1, len(store.keys()))})
+        return upgraded
 
     def _base_shapes_match(self, store):
         return all(tuple(np.shape(store[str(i)])) == tuple(self.variables[i].shape)
@@ -330,42 +475,75 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         values, self._deferred_slot_values = self._deferred_slot_values, None
         slots = self.variables[self._num_unbuilt_variables:]
         if len(values) != len(slots) or any(tuple(v.shape) != tuple(s.shape) for v, s in zip(values, slots)):
-            warnings.warn(f"optimizer {self.name!r}: the saved LSTM state does not fit the variables it was built "
+            warnings.warn(f"optimizer {self.name!r}: the saved state does not fit the variables it was built "
                           "with; the state starts from zero (φ was restored)", stacklevel=3)
             return
         for slot, value in zip(slots, values):
             slot.assign(value)
 
     def get_config(self):
-        """The rule's hyperparameters and the Keras arguments; φ itself travels with the saved variables.
+        """The rule's config (one nested `rule_to_config` dict) and the Keras arguments; φ itself travels with the
+        saved variables.
 
         `from_config(get_config())` alone gives a fresh φ (from `phi_seed`) and zero state: copy the variables
         (`.keras` loading does) to get the trained ones.
         """
         config = super().get_config()
         config.update({
-            "hidden1": self._rule.hidden1,
-            "hidden2": self._rule.hidden2,
-            "preprocess": self._rule.preprocess,
-            "preprocess_param": self._rule.preprocess_param,
-            "output_scale": self._rule.output_scale,
+            "rule": rule_to_config(self._rule),
             "state_dtype": self.state_dtype,
-            "implementation": self._rule.implementation,
+            "implementation": self.implementation,
             "phi_seed": self.phi_seed,
         })
         return config
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Also reads the configs written before rules/ (the LSTM's arguments at the top level); a config saved
+        with implementation="fused" gives "auto", with a warning, where the op is missing."""
+        config = dict(config)
+        if config.get("implementation") == "fused" and not ops.fused_available():
+            warnings.warn("this optimizer was saved with implementation='fused' but the l2l_tf op library is not "
+                          f"available here ({ops.fused_load_error()}); using implementation='auto' (the pure-TF "
+                          "step)", stacklevel=2)
+            config["implementation"] = "auto"
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _leaves(nest):
+    """[(leaf path, tensor)] of a state nest (tuples, NamedTuples and dicts): "" for a bare tensor."""
+    return [("/".join(str(k) for k in path), leaf) for path, leaf in keras.tree.flatten_with_path(nest)]
+
+
+def _read(variable):
+    value = tf.convert_to_tensor(variable.value)
+    return tf.cast(value, tf.float32) if value.dtype.is_floating else value
+
+
+def _float_tree(rule, phi):
+    """A φ argument (tree or, for the LSTM, flat) as float32 numpy leaves; ValueError for non-float values."""
+    def as_float32(leaf, path):
+        value = np.asarray(leaf.numpy() if isinstance(leaf, keras.Variable) else leaf)
+        if not (np.issubdtype(value.dtype, np.floating) or value.dtype == tf.bfloat16.as_numpy_dtype):
+            raise ValueError(f"phi must hold floating-point values, got dtype {value.dtype}"
+                             + (f" for {path}" if path else ""))
+        return value.astype(np.float32)
+
+    if not isinstance(phi, dict):
+        phi = as_float32(phi, "")
+    return tree_from_paths([(path, as_float32(leaf, path)) for path, leaf in leaf_paths(rule.as_phi_tree(phi))])
+
 
 class _ConstantArray:
-    """Initializer returning a fixed array (φ); not serialized (φ is saved as a variable)."""
+    """Initializer returning a fixed array (φ, a rule's initial state); not serialized (saved as a variable)."""
 
-    def __init__(self, value):
-        self.value = np.asarray(value, np.float32)
+    def __init__(self, value, dtype="float32"):
+        self.value = np.asarray(value, np.float32 if dtype == "float32" else None)
 
     def __call__(self, shape, dtype=None):
         if tuple(shape) != self.value.shape:
-            raise ValueError(f"phi initializer has shape {self.value.shape}, asked for {tuple(shape)}")
-        return tf.constant(self.value, dtype or tf.float32)
+            raise ValueError(f"initializer has shape {self.value.shape}, asked for {tuple(shape)}")
+        return tf.cast(tf.constant(self.value), dtype or tf.float32)
 
 
 def _variable_name(variable):

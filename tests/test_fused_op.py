@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import l2l_tf.ops as ops
 from l2l_tf.ops import StepConfig, fused, reference
+from lstm_step_numpy import DEFAULT_KINK_PARAMS, extreme_gradients
 
 
 def _need_op():
@@ -16,20 +17,22 @@ def _need_op():
     return fused._load()
 
 
-def _grads(rng, n):
-    special = np.array([0.0, 1e-30, -1e-30, 1e-40, -1e-42, 1e30, -1e30, 1.0, -1.0, 4.6e-5, -4.5e-5, 6.8e-3,
-                        -6.7e-3], np.float32)
-    g = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-12, 4, n)).astype(np.float32)
-    k = min(n, len(special))
-    g[:k] = special[:k]
-    return g
-
-
 def _inputs(rng, cfg, n, grads=None):
+    """(flat φ [P] as the kernels read it, grad [N], state [S, N]); `tree(phi, cfg)` is the same φ as a tree."""
     phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.4).astype(np.float32))
-    grad = tf.constant(_grads(rng, n) if grads is None else grads)
+    kinks = DEFAULT_KINK_PARAMS + (cfg.preprocess_param,)
+    grad = tf.constant(extreme_gradients(rng, n, kinks) if grads is None else grads)
     state = tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.6).astype(np.float32))
     return phi, grad, state
+
+
+def tree(phi, cfg):
+    return ops.phi_tree(phi, cfg)
+
+
+def reference_flat(phi, grad, state, scale, cfg):
+    """The pure-TF step on a flat φ (split into the tree differentiably), to compare with the op on equal inputs."""
+    return reference.lstm_step(tree(phi, cfg), grad, state, scale, cfg)
 
 
 CONFIGS = [StepConfig(20, 20, "none"), StepConfig(20, 20, "paper"), StepConfig(20, 20, "clamped"),
@@ -43,13 +46,13 @@ def test_forward_matches_reference(cfg):
     # 1536: 64-byte aligned rows (the kernels' streaming stores); 1000: unaligned rows and a partial chunk.
     phi, grad, state = _inputs(rng, cfg, 1536 if cfg.hidden1 == 20 else 1000)
     u, s = fused.lstm_step(phi, grad, state, 0.1, cfg)
-    ru, rs = reference.lstm_step(phi, grad, state, 0.1, cfg)
+    ru, rs = reference_flat(phi, grad, state, 0.1, cfg)
     np.testing.assert_allclose(u.numpy(), ru.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s.numpy(), rs.numpy(), rtol=1e-5, atol=1e-6)
-    # Through the switch, eagerly and in a tf.function.
-    u2, s2 = ops.lstm_step(phi, grad, state, 0.1, cfg, implementation="fused")
+    # Through the switch (φ as a tree), eagerly and in a tf.function.
+    u2, s2 = ops.lstm_step(tree(phi, cfg), grad, state, 0.1, cfg, implementation="fused")
     np.testing.assert_array_equal(u2.numpy(), u.numpy())
-    u3, s3 = tf.function(lambda p, g, st: ops.lstm_step(p, g, st, 0.1, cfg))(phi, grad, state)
+    u3, s3 = tf.function(lambda p, g, st: ops.lstm_step(p, g, st, 0.1, cfg))(tree(phi, cfg), grad, state)
     np.testing.assert_array_equal(s3.numpy(), s.numpy())
 
 
@@ -66,7 +69,7 @@ def test_multi_step_in_graph_matches_reference():
             total = tf.zeros_like(g)
             for k in range(3):
                 # Fresh gradients each step (feeding u back into g could cancel to ~0 and amplify rounding).
-                u, st = ops.lstm_step(p, g * (1.0 + 0.5 * k), st, 0.1, cfg, implementation=impl)
+                u, st = ops.lstm_step(tree(p, cfg), g * (1.0 + 0.5 * k), st, 0.1, cfg, implementation=impl)
                 total += u
             return total, st
         return f(phi, grad, state)
@@ -102,7 +105,7 @@ def test_compute_gradient(cfg):
 
     args = [phi, grad, state]
     theo, num = tf.test.compute_gradient(make(fused.lstm_step), args, delta=1e-3)
-    ref_theo, _ = tf.test.compute_gradient(make(reference.lstm_step), args, delta=1e-3)
+    ref_theo, _ = tf.test.compute_gradient(make(reference_flat), args, delta=1e-3)
     for t, nm, rt in zip(theo, num, ref_theo):
         scale = max(1.0, np.abs(t).max())
         assert np.abs(t - nm).max() <= 2e-2 * scale  # float32 central differences
@@ -134,7 +137,7 @@ def test_unrolled_meta_gradient_matches_reference(stop_gradient, graph):
                 g = inner.gradient(f, theta)
                 if stop_gradient:
                     g = tf.stop_gradient(g)
-                update, state = ops.lstm_step(phi, g, state, 0.1, cfg, implementation=impl)
+                update, state = ops.lstm_step(tree(phi, cfg), g, state, 0.1, cfg, implementation=impl)
                 theta = theta + update
                 loss += tf.reduce_sum(a * (theta - b) ** 2)
         return loss, tape.gradient(loss, phi)
@@ -159,7 +162,7 @@ def test_gradient_through_new_state_only():
             loss = tf.reduce_sum(s ** 2)
         return tape.gradient(loss, [phi, state])
 
-    for x, y in zip(g(fused.lstm_step), g(reference.lstm_step)):
+    for x, y in zip(g(fused.lstm_step), g(reference_flat)):
         np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-4, atol=1e-5 * np.abs(y.numpy()).max())
 
 
@@ -233,10 +236,10 @@ def test_fused_unavailable_raises_and_auto_falls_back(monkeypatch):
     rng = np.random.default_rng(7)
     phi, grad, state = _inputs(rng, cfg, 10)
     with pytest.raises(RuntimeError):
-        ops.lstm_step(phi, grad, state, 1.0, cfg, implementation="fused")
+        ops.lstm_step(tree(phi, cfg), grad, state, 1.0, cfg, implementation="fused")
     assert ops.resolve_implementation("auto") == "reference"
-    u, _ = ops.lstm_step(phi, grad, state, 1.0, cfg, implementation="auto")
-    np.testing.assert_array_equal(u.numpy(), reference.lstm_step(phi, grad, state, 1.0, cfg)[0].numpy())
+    u, _ = ops.lstm_step(tree(phi, cfg), grad, state, 1.0, cfg, implementation="auto")
+    np.testing.assert_array_equal(u.numpy(), reference_flat(phi, grad, state, 1.0, cfg)[0].numpy())
 
 
 def test_inside_xla_compilation_detection():
@@ -297,19 +300,19 @@ def test_auto_uses_reference_under_xla_and_runs_on_cpu():
     @tf.function(jit_compile=True)
     def step(p, g, s):
         chosen["impl"] = ops.resolve_implementation("auto")
-        return ops.lstm_step(p, g, s, 0.1, cfg, implementation="auto")
+        return ops.lstm_step(tree(p, cfg), g, s, 0.1, cfg, implementation="auto")
 
     with tf.device("/CPU:0"):
         u, s = step(phi, grad, state)
     assert chosen["impl"] == "reference"
-    ru, rs = reference.lstm_step(phi, grad, state, 0.1, cfg)
+    ru, rs = reference_flat(phi, grad, state, 0.1, cfg)
     np.testing.assert_allclose(u.numpy(), ru.numpy(), rtol=1e-4, atol=1e-5)
     if fused.available():
         assert ops.resolve_implementation("auto") == "fused"
 
         @tf.function(jit_compile=True)
         def forced(p, g, s):
-            return ops.lstm_step(p, g, s, 0.1, cfg, implementation="fused")
+            return ops.lstm_step(tree(p, cfg), g, s, 0.1, cfg, implementation="fused")
 
         with pytest.raises(RuntimeError, match="XLA"):
             forced(phi, grad, state)
@@ -327,3 +330,28 @@ def test_library_load_failure_is_reported(monkeypatch, tmp_path, caplog):
     assert "missing.so" in fused.load_error()
     lines = [r for r in caplog.records if "pure-TensorFlow" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_flat_phi_is_the_layout_of_the_kernels_and_differentiable():
+    """ops.flat_phi (the one place that knows the kernels' layout) concatenates the leaves in layout.LEAVES order;
+    the gradient of the fused op reaches every leaf of the tree."""
+    _need_op()
+    cfg = StepConfig(7, 5, "paper")
+    rng = np.random.default_rng(9)
+    phi, grad, state = _inputs(rng, cfg, 50)
+    phi_tree = tree(phi, cfg)
+    np.testing.assert_array_equal(ops.flat_phi(phi_tree, cfg).numpy(), phi.numpy())
+    with tf.GradientTape() as tape:
+        leaves = tf.nest.flatten(phi_tree)
+        tape.watch(leaves)
+        u, _ = ops.lstm_step(phi_tree, grad, state, 0.1, cfg, implementation="fused")
+        loss = tf.reduce_sum(u ** 2)
+    d_tree = tape.gradient(loss, phi_tree)
+    with tf.GradientTape() as tape:
+        tape.watch(phi)
+        u, _ = fused.lstm_step(phi, grad, state, 0.1, cfg)
+        loss = tf.reduce_sum(u ** 2)
+    np.testing.assert_array_equal(ops.flat_phi(d_tree, cfg).numpy(), tape.gradient(loss, phi).numpy())
+    bad = dict(phi_tree, out={"w": phi_tree["out"]["w"][:-1], "b": phi_tree["out"]["b"]})
+    with pytest.raises(ValueError, match="out/w"):
+        ops.lstm_step(bad, grad, state, 0.1, cfg, implementation="fused")

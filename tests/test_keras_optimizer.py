@@ -1,5 +1,6 @@
 """Tests of l2l_tf.keras_optimizer.LearnedOptimizer (the learned rule as a Keras 3 optimizer)."""
 import json
+import pathlib
 import warnings
 
 import keras
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from l2l_tf import LearnedOptimizer, LSTMOptimizerState, LSTMUpdateRule, load_phi, save_phi
+from l2l_tf import LearnedOptimizer, LSTMOptimizerState, LSTMUpdateRule, load_phi, ops, save_phi
 from l2l_tf import keras_optimizer as ko
 from l2l_tf.ops import fused, reference
+from l2l_tf.rules import rule_to_config
 from lstm_step_numpy import lstm_step_np
+from rules_for_tests import NormalizedMomentum
 
 # A small rule keeps the tests fast; the layout logic is the same as the paper's 20/20.
 SMALL = dict(hidden1=4, hidden2=3, preprocess="clamped", preprocess_param=None, output_scale=0.1)
@@ -24,9 +27,16 @@ def small_rule(**changes):
     return LSTMUpdateRule(**{**SMALL, **changes})
 
 
+def flat(rule, phi):
+    """A φ tree (or a tree of variables) as the flat vector of the kernels' layout, to compare φs."""
+    phi = {layer: {part: tf.convert_to_tensor(v) for part, v in parts.items()} for layer, parts in phi.items()}
+    return ops.flat_phi(phi, rule.step_config).numpy()
+
+
 def random_phi(rule, seed):
-    """init_phi plus noise on every entry (biases included), so no part of φ is trivially zero."""
-    phi = np.asarray(rule.init_phi(seed))
+    """init_phi plus noise on every entry (biases included), so no part of φ is trivially zero; flat (the LSTM
+    rule and LearnedOptimizer still take the flat vector of the layout before φ trees)."""
+    phi = flat(rule, rule.init_phi(seed))
     return (phi + 0.3 * np.random.default_rng(seed).standard_normal(phi.shape)).astype(np.float32)
 
 
@@ -84,11 +94,12 @@ def test_update_step_equals_rule_step_and_numpy_reference():
         np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(opt.state_slot(w).numpy(), state.lstm[0].numpy(), rtol=1e-6, atol=1e-7)
         # Hand check, independent of TensorFlow: the float64 NumPy statement of the step.
-        np_update, np_state = lstm_step_np(phi, g.ravel(), np_state, 0.1, 4, 3, "clamped", 5.0)
+        np_phi = {k: {p: v.numpy() for p, v in d.items()} for k, d in rule.as_phi_tree(phi).items()}
+        np_update, np_state = lstm_step_np(np_phi, g.ravel(), np_state, 0.1, 4, 3, "clamped", 5.0)
         np.testing.assert_allclose(opt.state_slot(w).numpy(), np_state, rtol=1e-4, atol=1e-6)
         assert np.abs(update.numpy()).max() > 1e-4, "the step must actually move the variable"
     assert int(opt.iterations.numpy()) == 2
-    np.testing.assert_array_equal(opt.phi.numpy(), phi)  # φ is not trained by the optimizer
+    np.testing.assert_array_equal(flat(rule, opt.phi), phi)  # φ is not trained by the optimizer
 
 
 def test_learning_rate_multiplies_the_update_and_schedules_work():
@@ -208,8 +219,7 @@ def test_fit_with_a_descent_phi_reduces_the_loss(jit_compile):
     rule, phi = sgd_like_phi()
     x, y = regression_data()
     model = dense_model()
-    config = {k: v for k, v in rule.get_config().items() if k != "implementation"}
-    model.compile(optimizer=LearnedOptimizer(phi=phi, **config), loss="mse", jit_compile=jit_compile)
+    model.compile(optimizer=LearnedOptimizer(phi=phi, **rule.get_config()), loss="mse", jit_compile=jit_compile)
     history = model.fit(x, y, batch_size=len(x), epochs=15, shuffle=False, verbose=0).history["loss"]
     assert history[-1] < 0.1 * history[0], history
     assert all(b < a for a, b in zip(history, history[1:])), history
@@ -234,9 +244,9 @@ def test_auto_implementation_uses_the_reference_under_xla(monkeypatch):
     """With a (fake) fused op available, "auto" runs it eagerly but never inside jit_compile=True."""
     calls = []
 
-    def fake_fused(*args):
+    def fake_fused(phi, grad, state, scale, config):
         calls.append(tf.executing_eagerly())
-        return reference.lstm_step(*args)
+        return reference.lstm_step(ops.phi_tree(phi, config), grad, state, scale, config)
 
     monkeypatch.setattr(fused, "available", lambda: True)
     monkeypatch.setattr(fused, "lstm_step", fake_fused)
@@ -438,11 +448,12 @@ def test_keras_save_load_restores_phi_and_state_and_continues_identically(tmp_pa
 
     assert isinstance(loaded.optimizer, LearnedOptimizer)
     assert loaded.optimizer.rule == model.optimizer.rule
-    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) == 3 + len(model.trainable_variables)
+    # iterations, learning_rate, the 6 φ leaves, one LSTM state slot per variable
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) == 8 + len(model.trainable_variables)
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         assert a.shape == b.shape
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    np.testing.assert_array_equal(loaded.optimizer.phi.numpy(), phi)
+    np.testing.assert_array_equal(flat(rule, loaded.optimizer.phi), phi)
     for v, lv in zip(model.trainable_variables, loaded.trainable_variables):
         slot = model.optimizer.state_slot(v).numpy()
         assert np.abs(slot).max() > 0
@@ -464,10 +475,10 @@ def test_save_before_training_keeps_phi(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = keras.models.load_model(tmp_path / "untrained.keras")
-    np.testing.assert_array_equal(loaded.optimizer.phi.numpy(), phi)
+    np.testing.assert_array_equal(flat(small_rule(), loaded.optimizer.phi), phi)
     x, y = regression_data(8)
     loaded.fit(x, y, epochs=1, verbose=0)
-    np.testing.assert_array_equal(loaded.optimizer.phi.numpy(), phi)
+    np.testing.assert_array_equal(flat(small_rule(), loaded.optimizer.phi), phi)
 
 
 def test_state_saved_built_restores_into_an_unbuilt_optimizer():
@@ -481,7 +492,7 @@ def test_state_saved_built_restores_into_an_unbuilt_optimizer():
 
     fresh = LearnedOptimizer(**SMALL)
     fresh.load_own_variables(store)
-    np.testing.assert_array_equal(fresh.phi.numpy(), phi)
+    np.testing.assert_array_equal(flat(small_rule(), fresh.phi), phi)
     w2 = keras.Variable(w.numpy())
     fresh.build([w2])
     for a, b in zip(optimizer_values(opt), optimizer_values(fresh)):
@@ -511,15 +522,15 @@ def test_get_config_from_config_round_trip():
                            learning_rate=schedule, state_dtype="bfloat16", implementation="reference",
                            phi_seed=3, clipnorm=2.0, name="lopt")
     config = opt.get_config()
-    assert {k: config[k] for k in ("hidden1", "hidden2", "preprocess", "preprocess_param", "output_scale",
-                                   "state_dtype", "implementation", "phi_seed", "clipnorm", "name")} == {
-        "hidden1": 5, "hidden2": 6, "preprocess": "paper", "preprocess_param": 7.0, "output_scale": 0.01,
+    assert {k: config[k] for k in ("rule", "state_dtype", "implementation", "phi_seed", "clipnorm", "name")} == {
+        "rule": {"name": "lstm", "config": {"hidden1": 5, "hidden2": 6, "preprocess": "paper", "preprocess_param": 7.0,
+                                            "output_scale": 0.01}},
         "state_dtype": "bfloat16", "implementation": "reference", "phi_seed": 3, "clipnorm": 2.0, "name": "lopt"}
     assert "phi" not in config
     clone = LearnedOptimizer.from_config(json.loads(json.dumps(config)))  # JSON-able, and a copy
     assert clone.get_config() == config
     assert clone.rule == opt.rule
-    np.testing.assert_array_equal(clone.phi.numpy(), opt.phi.numpy())  # same phi_seed → same fresh φ
+    np.testing.assert_array_equal(flat(opt.rule, clone.phi), flat(opt.rule, opt.phi))  # same phi_seed: same φ
 
     serialized = keras.optimizers.serialize(opt)
     assert serialized["registered_name"] == "l2l_tf>LearnedOptimizer"
@@ -536,12 +547,12 @@ def test_phi_from_file_and_from_file_config(tmp_path):
     save_phi(str(path), rule, phi, steps=100)
 
     opt = LearnedOptimizer.from_file(path, learning_rate=0.5)
-    assert opt.rule == rule.replace(implementation="auto")
-    np.testing.assert_array_equal(opt.phi.numpy(), phi)
+    assert opt.rule == rule
+    np.testing.assert_array_equal(flat(rule, opt.phi), phi)
     assert opt.phi_metadata == {"steps": 100}
 
     same = LearnedOptimizer(phi=str(path), hidden1=3, hidden2=2, preprocess="none", output_scale=1.0)
-    np.testing.assert_array_equal(same.phi.numpy(), phi)
+    np.testing.assert_array_equal(flat(rule, same.phi), phi)
 
     with pytest.raises(ValueError, match="does not match.*preprocess='none' in the file vs 'paper' given"):
         LearnedOptimizer(phi=path, hidden1=3, hidden2=2)
@@ -556,7 +567,7 @@ def test_from_pretrained_with_a_temporary_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(ko, "PRETRAINED_DIR", tmp_path)
     assert ko.available_pretrained() == ["toy"]
     opt = LearnedOptimizer.from_pretrained("toy", learning_rate=0.5, state_dtype="bfloat16")
-    np.testing.assert_array_equal(opt.phi.numpy(), phi)
+    np.testing.assert_array_equal(flat(rule, opt.phi), phi)
     assert opt.rule.hidden1 == 2 and opt.rule.preprocess == "none" and opt.state_dtype == "bfloat16"
     with pytest.raises(ValueError, match=r"unknown pretrained optimizer 'nope'.*available: 'toy'"):
         LearnedOptimizer.from_pretrained("nope")
@@ -575,7 +586,7 @@ def test_from_pretrained_unknown_name_lists_available():
 
 def _write_bad_files(directory):
     rule = LSTMUpdateRule(hidden1=2, hidden2=2, preprocess="none", output_scale=1.0)
-    good = np.array(rule.init_phi(0))
+    good = flat(rule, rule.init_phi(0))
     (directory / "text.npz").write_text("not an archive")
     np.save(directory / "array.npy", good)
     np.savez(directory / "wrong_keys.npz", weights=good)
@@ -591,7 +602,7 @@ def _write_bad_files(directory):
     ("array.npy", ValueError, "array.npy' is not a φ file"),
     ("wrong_keys.npz", ValueError, r"not a φ file: missing \['config', 'phi'\]"),
     ("nonfinite.npz", ValueError, "non-finite"),
-    ("short.npz", ValueError, "phi must have shape"),
+    ("short.npz", ValueError, r"flat vector of 75\), got a tensor of shape \(74,\)"),
     (".", ValueError, "is a directory"),
 ])
 def test_bad_phi_files(tmp_path, name, error, match):
@@ -603,11 +614,12 @@ def test_bad_phi_files(tmp_path, name, error, match):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(phi=np.zeros(10, np.float32)), ValueError, r"phi must have shape \(5141,\)"),
-    (dict(phi=np.zeros((5141, 1), np.float32)), ValueError, "phi must have shape"),
+    (dict(phi=np.zeros(10, np.float32)), ValueError, r"a flat vector of 5141\), got a tensor of shape \(10,\)"),
+    (dict(phi=np.zeros((5141, 1), np.float32)), ValueError, r"got a tensor of shape \(5141, 1\)"),
+    (dict(phi={"lstm1": {"w": np.zeros((80, 22), np.float32)}}), ValueError, r"phi: missing leaves \['lstm2', 'out'\]"),
     (dict(phi=np.full(5141, np.inf, np.float32)), ValueError, "non-finite"),
     (dict(phi=np.zeros(5141, np.int32)), ValueError, "floating-point"),
-    (dict(phi={"w1": 0}), TypeError, "phi must be None, a path"),
+    (dict(phi=3.0), TypeError, "phi must be None, a path"),
     (dict(state_dtype="int8"), ValueError, "state_dtype must be one of"),
     (dict(state_dtype="float64"), ValueError, "state_dtype must be one of"),
     (dict(hidden1=0), ValueError, "hidden1 must be a positive int"),
@@ -696,9 +708,101 @@ def test_readme_scenario_fit_save_load_continue(tmp_path):
     for a, b in zip(optimizer_values(model.optimizer), optimizer_values(loaded.optimizer)):
         np.testing.assert_array_equal(a, b)
     _, shipped_phi, _ = load_phi(QUADRATIC)
-    np.testing.assert_array_equal(loaded.optimizer.phi.numpy(), shipped_phi.numpy())
+    rule = loaded.optimizer.rule
+    np.testing.assert_array_equal(flat(rule, loaded.optimizer.phi), flat(rule, shipped_phi))
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights() + optimizer_values(model.optimizer),
                     loaded.get_weights() + optimizer_values(loaded.optimizer)):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- files written before rules/, run-time choices
+
+LEGACY = pathlib.Path(__file__).parent / "fixtures" / "legacy"
+
+
+def _legacy_data():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    return x, (x @ np.array([[1.0], [-2.0], [0.5], [0.0]], np.float32)).astype(np.float32)
+
+
+def test_keras_file_written_before_rules_loads_and_continues_like_the_old_code():
+    """optimizer.keras was saved by the flat-φ code (one φ variable, a config with the LSTM's arguments at the
+    top level, implementation="fused"); loaded here it continues exactly as the old code did (fixture)."""
+    if not fused.available():
+        pytest.skip("the fixture continues with the fused op")
+    model = keras.models.load_model(LEGACY / "optimizer.keras")
+    opt = model.optimizer
+    assert opt.rule == LSTMUpdateRule(20, 20, "paper", output_scale=0.1)
+    _, shipped, _ = load_phi(ko.PRETRAINED_DIR / "mnist.npz")
+    np.testing.assert_array_equal(flat(opt.rule, opt.phi), flat(opt.rule, shipped))
+    x, y = _legacy_data()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    expected = np.load(LEGACY / "keras_continued.npz")
+    for i, w in enumerate(model.get_weights()):
+        np.testing.assert_allclose(w, expected[f"weight{i}"], rtol=1e-6, atol=1e-7)
+    for i, v in enumerate(model.trainable_variables):
+        np.testing.assert_allclose(opt.state_slot(v).numpy(), expected[f"slot{i}"], rtol=1e-6, atol=1e-7)
+    assert int(opt.iterations.numpy()) == int(expected["iterations"])
+
+
+def test_a_file_saved_with_fused_loads_as_auto_where_the_op_is_missing(monkeypatch):
+    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(fused, "load_error", lambda: "simulated: not built")
+    with pytest.warns(UserWarning, match="implementation='fused'.*simulated: not built.*'auto'"):
+        model = keras.models.load_model(LEGACY / "optimizer.keras")
+    assert model.optimizer.implementation == "auto"
+    x, y = _legacy_data()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)  # runs the pure-TF step
+    expected = np.load(LEGACY / "keras_continued.npz")
+    for i, w in enumerate(model.get_weights()):
+        np.testing.assert_allclose(w, expected[f"weight{i}"], rtol=1e-4, atol=1e-6)
+
+
+def test_implementation_is_the_optimizers_not_the_rules():
+    opt = LearnedOptimizer(implementation="reference", **SMALL)
+    config = opt.get_config()
+    assert config["implementation"] == "reference"
+    assert "implementation" not in json.dumps(config["rule"])
+    assert LearnedOptimizer.from_config({**config, "implementation": "auto"}).rule == opt.rule
+
+
+def test_rule_argument_and_lstm_arguments():
+    rule = small_rule()
+    assert LearnedOptimizer(rule=rule).rule == rule
+    assert LearnedOptimizer(rule=rule_to_config(rule)).rule == rule
+    assert LearnedOptimizer(rule=rule, hidden1=4).rule == rule  # equal values may be repeated
+    with pytest.raises(ValueError, match="hidden1=4 in rule vs 5 given"):
+        LearnedOptimizer(rule=rule, hidden1=5)
+    with pytest.raises(ValueError, match="configure the plain LSTM rule"):
+        LearnedOptimizer(rule=NormalizedMomentum(), output_scale=0.1)
+    with pytest.raises(TypeError, match="rule must be an UpdateRule"):
+        LearnedOptimizer(rule="lstm")
+
+
+def test_a_rule_with_shared_state_steps_all_variables_at_once():
+    """A rule that is not coordinatewise gets every variable's gradient in one step (its update of one variable
+    depends on the others'), its shared state lives in optimizer variables, and sparse gradients are densified."""
+    rule = NormalizedMomentum()
+    phi = rule.init_phi(0)
+    a, b = keras.Variable(np.zeros(3, np.float32)), keras.Variable(np.zeros((2, 2), np.float32))
+    opt = LearnedOptimizer(rule=rule, phi=phi)
+    ga, gb = tf.constant([1.0, -2.0, 3.0]), tf.constant([[0.5, 0.5], [0.5, 0.5]])
+    opt.apply([ga, gb], [a, b])
+    updates, state = rule.step(phi, [ga, gb], rule.init_state([a, b]))
+    np.testing.assert_allclose(a.numpy(), updates[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(b.numpy(), updates[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(opt.shared_state["scale"].numpy(), state.shared["scale"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(opt.state_slot(b)["m"].numpy(), state.per_coordinate[1]["m"].numpy(), rtol=1e-6)
+    alone = keras.Variable(np.zeros(3, np.float32))
+    LearnedOptimizer(rule=rule, phi=phi).apply([ga], [alone])
+    assert not np.allclose(alone.numpy(), a.numpy())  # b's gradient changed a's update: not coordinatewise
+
+    model = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(10, 3),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer=LearnedOptimizer(rule=rule, phi=phi), loss="mse")
+    ids = np.random.default_rng(0).integers(0, 10, (16, 2))
+    model.fit(ids, np.ones((16, 1), np.float32), batch_size=8, epochs=1, verbose=0)
+    assert float(model.optimizer.shared_state["t"].numpy()) == 2.0

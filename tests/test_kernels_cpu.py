@@ -1,41 +1,39 @@
 """The CPU kernels (csrc/lstm_step_cpu.cc) through the pybind11 module, against the float64 NumPy reference.
 
 Skips when the extension is not built (`pip install -e .`).
+
+The kernels take the flat float32 φ (`layout.flatten` of the tree); the reference (tools/lstm_step_numpy.py) takes the
+tree. The gradients are the shared fixture `extreme_gradients` (special values first, then random magnitudes).
 """
 import numpy as np
 import pytest
 
+from lstm_step_numpy import extreme_gradients, phi_tree_shapes, preprocess_np, random_phi_tree
 from lstm_step_numpy import lstm_step_np as _lstm_step_np
-from lstm_step_numpy import num_params, preprocess_np
+
+from l2l_tf.ops import layout
 
 try:
     from l2l_tf import _kernels as K
 except ImportError as e:  # not built
     pytest.skip(f"l2l_tf._kernels is not built ({e})", allow_module_level=True)
 
-def lstm_step_np(*args):
+
+def lstm_step_np(phi_flat, grad, state, scale, h1, h2, pre, param):
+    """The float64 reference on a flat φ (the kernels' argument), through `layout.unflatten`."""
+    tree = layout.unflatten(np.asarray(phi_flat), h1, h2, layout.input_size(pre))
     with np.errstate(over="ignore"):  # exp overflow in the float64 sigmoid of huge gates: exact limits
-        return _lstm_step_np(*args)
+        return _lstm_step_np(tree, grad, state, scale, h1, h2, pre, param)
 
 
 MODES = [("none", 10.0), ("paper", 10.0), ("clamped", 5.0)]
 SIZES = [(20, 20), (7, 5)]
 
 
-def _grads(rng, n):
-    """Gradients of every kind: zeros, tiny (1e-30, subnormal), huge, both signs, random magnitudes."""
-    special = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-42, 1.4e-45, 1e30, -1e30, 3e38, -3e38, 1.0, -1.0,
-                        np.exp(-10.0) * 1.001, -np.exp(-10.0) * 0.999, np.exp(-5.0) * 1.01, -np.exp(-5.0) * 0.99],
-                       np.float32)
-    rand = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-12, 4, n)).astype(np.float32)
-    k = min(n, len(special))
-    rand[:k] = special[:k]
-    return rand
-
-
-def _inputs(rng, n, h1, h2, pre):
-    phi = (rng.standard_normal(num_params(h1, h2, pre)) * 0.4).astype(np.float32)
-    grad = _grads(rng, n)
+def _inputs(rng, n, h1, h2, pre, kink_params=(10.0, 5.0)):
+    """Flat float32 φ (the kernels' layout), the shared extreme gradients, a random state."""
+    phi = layout.flatten(random_phi_tree(rng, h1, h2, pre, std=0.4))
+    grad = extreme_gradients(rng, n, kink_params)
     state = (rng.standard_normal((2 * (h1 + h2), n)) * 0.6).astype(np.float32)
     return phi, grad, state
 
@@ -57,12 +55,16 @@ def test_forward_matches_numpy(pre, param, h1, h2, n):
 
 
 def test_forward_num_params_and_small_n():
+    rng = np.random.default_rng(3)
     for pre, _ in MODES:
         for h1, h2 in SIZES:
-            assert K.num_params(h1, h2, pre) == num_params(h1, h2, pre)
-    rng = np.random.default_rng(3)
+            assert K.num_params(h1, h2, pre) == layout.num_params(h1, h2, layout.input_size(pre))
+            # The reference's tree is layout's tree, and flattens to the kernels' length.
+            assert phi_tree_shapes(h1, h2, pre) == layout.phi_shapes(h1, h2, layout.input_size(pre))
+            phi = layout.flatten(random_phi_tree(rng, h1, h2, pre))
+            assert phi.dtype == np.float32 and phi.shape == (K.num_params(h1, h2, pre),)
     for n in (0, 1, 17, 256, 257):
-        phi, grad, state = _inputs(rng, n, 7, 5, "paper")
+        phi, grad, state = _inputs(rng, n, 7, 5, "paper", kink_params=(10.0, 5.0, 3.0))  # param 3 below: its kink
         update, new_state = K.forward_cpu(phi, grad, state, 0.5, 7, 5, "paper", 3.0)
         ref_u, ref_s = lstm_step_np(phi, grad, state, 0.5, 7, 5, "paper", 3.0)
         np.testing.assert_allclose(update, ref_u, rtol=1e-5, atol=1e-6)
@@ -99,7 +101,7 @@ def _smooth_grads(rng, n, pre, param):
 def test_backward_matches_finite_differences(pre, param, h1, h2):
     rng = np.random.default_rng(7 + h1 + len(pre))
     n, scale = 320, 0.7  # one whole (aligned, streaming-store) chunk and a partial one
-    phi = (rng.standard_normal(num_params(h1, h2, pre)) * 0.4).astype(np.float32)
+    phi = layout.flatten(random_phi_tree(rng, h1, h2, pre, std=0.4))
     grad = _smooth_grads(rng, n, pre, param)
     state = (rng.standard_normal((2 * (h1 + h2), n)) * 0.6).astype(np.float32)
     du = rng.standard_normal(n).astype(np.float32)
@@ -111,8 +113,11 @@ def test_backward_matches_finite_differences(pre, param, h1, h2):
     for name in ("phi", "grad", "state"):
         flat = args[name].reshape(-1)
         picks = rng.choice(flat.size, 10, replace=False)
-        if name == "phi":  # always include the output layer and a few of each block
-            picks = np.concatenate([picks, [flat.size - 1, flat.size - 2, 0]])
+        if name == "phi":  # always include the output layer, the first input weight and one entry of each leaf
+            where = layout.unflatten(np.arange(flat.size), h1, h2, layout.input_size(pre))  # flat index per entry
+            named = [where["out"]["b"][0], where["out"]["w"][-1], where["lstm1"]["w"][0, 0]]
+            named += [rng.choice(where[layer][part].reshape(-1)) for layer, part in layout.LEAVES]
+            picks = np.concatenate([picks, named])
         for idx in picks:
             old = flat[idx]
             eps = 1e-6 * max(1.0, abs(old))
@@ -186,7 +191,27 @@ def test_bad_inputs_raise_value_error():
 
 def test_preprocessing_reference_sanity():
     # The NumPy reference's features for the special gradients are finite where they should be.
-    g = _grads(np.random.default_rng(0), 32)
+    g = extreme_gradients(np.random.default_rng(0), 32)
+    assert len(g) == 32 and g.dtype == np.float32
     for pre, param in MODES[1:]:
         x = preprocess_np(g, pre, param)
         assert np.isfinite(x).all()
+
+
+def test_extreme_gradients_fixture():
+    # The shared fixture begins with the special values, in float32 (subnormals are not flushed by the cast), then
+    # straddles each kink; the rest are random magnitudes with both signs.
+    rng = np.random.default_rng(1)
+    g = extreme_gradients(rng, 400)
+    assert g.dtype == np.float32 and g.shape == (400,)
+    assert g[0] == 0 and np.signbit(g[1]) and g[1] == 0
+    tiny = np.finfo(np.float32).tiny
+    subnormal = g[(g != 0) & (np.abs(g) < tiny)]
+    assert len(subnormal) >= 3 and np.float32(1.4e-45) in subnormal
+    assert np.isfinite(g).all() and np.abs(g).max() >= 3e38
+    for p in (10.0, 5.0):
+        a = np.abs(g.astype(np.float64))
+        assert ((a > np.exp(-p)) & (a < np.exp(-p) * 1.01)).sum() >= 2
+        assert ((a < np.exp(-p)) & (a > np.exp(-p) * 0.99)).sum() >= 2
+    assert (g[40:] > 0).any() and (g[40:] < 0).any()
+    assert len(extreme_gradients(rng, 5)) == 5 and len(extreme_gradients(rng, 0)) == 0

@@ -4,7 +4,9 @@
 Run through tools/gpu_check.sh, which builds the pybind11 module `_kernels` (CPU + CUDA kernels) into a
 temporary directory and passes it here with --module-dir. Needs NumPy and CuPy; PyTorch and JAX are optional
 (their rows are skipped when missing or failing). Never imports TensorFlow or the l2l_tf package: the float64
-reference is tests/lstm_step_numpy.py, loaded by path.
+reference and φ's tree are tools/lstm_step_numpy.py (imported from this script's directory), and the kernels' flat
+φ layout is l2l_tf/ops/layout.py, imported as the stand-alone module `layout` (it needs only NumPy) with l2l_tf/ops
+on sys.path for that one import, so the package's __init__ (TensorFlow) never runs.
 
   (a) correctness: CUDA fp32 / tf32 forward and CUDA backward vs the CPU kernels (and vs float64 NumPy),
       random inputs with zero, tiny and huge gradients, the 3 preprocess modes, hidden 20/20 and 7/5, N with
@@ -12,8 +14,9 @@ reference is tests/lstm_step_numpy.py, loaded by path.
       zones after each output checked for stray writes, in-place calls (new_state = state).
   (b) timing (CUDA events, median of --reps after warm-up): our forward (fp32, tf32 and its tile variants)
       and backward at N = 1e6 and 1e7, a JAX jit and a torch.compile version of the same step ([S, N] state),
-      and the memory floor: 652 bytes per coordinate (performance.md) at the device-to-device copy bandwidth
-      measured in the same run.
+      and the memory floor: 652 bytes per coordinate (the forward's compulsory traffic, see BYTES_FWD; the same
+      floor as in the GPU reference notes kept outside this repository, ../shared/reference/performance.md) at the
+      device-to-device copy bandwidth measured in the same run.
 Results also go to $OUT/gpu_check.json when OUT is set (or --json PATH).
 
 Without a GPU: `--cpu-selftest --module-dir DIR` checks the CPU kernels of a built module against the float64
@@ -33,8 +36,26 @@ import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU with CuPy and torch here
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BYTES_FWD = 652  # per coordinate, performance.md: read grad, theta, 80 state floats; write theta, 80 state floats
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+OPS = os.path.join(ROOT, "l2l_tf", "ops")
+if TOOLS not in sys.path:  # sys.path[0] when run as a script; added in case it is not
+    sys.path.insert(0, TOOLS)
+import lstm_step_numpy  # noqa: E402
+
+# l2l_tf/ops/layout.py as the top-level module `layout`: importing it as part of the l2l_tf package would run the
+# package's __init__ (TensorFlow). l2l_tf/ops is on sys.path only for this import, so that its other modules
+# (config.py, ...) cannot shadow anything imported later.
+sys.path.insert(0, OPS)
+try:
+    import layout  # noqa: E402
+finally:
+    sys.path.remove(OPS)
+assert os.path.dirname(os.path.abspath(layout.__file__)) == OPS, layout.__file__
+
+# Per coordinate (hidden 20/20, 80 state rows): read grad, theta and 80 state floats, write theta and 80 state floats:
+# 4·(1 + 1 + 80) + 4·(1 + 80) = 652 bytes.
+BYTES_FWD = 4 * (1 + 1 + 80) + 4 * (1 + 80)
 BYTES_BWD = 4 * (1 + 80 + 1 + 80) + 4 * (1 + 80)  # read grad, state, d_update, d_new_state; write d_grad, d_state
 CONFIGS = [  # hidden1, hidden2, preprocess, param
     (20, 20, "none", 10.0), (20, 20, "paper", 10.0), (20, 20, "clamped", 5.0),
@@ -83,11 +104,15 @@ def load_kernels(module_dir):
 
 
 def load_reference():
-    path = os.path.join(ROOT, "tests", "lstm_step_numpy.py")
-    spec = importlib.util.spec_from_file_location("lstm_step_numpy", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The float64 reference and φ-tree helpers (tools/lstm_step_numpy.py); `reference_step` runs it on a flat φ."""
+    return lstm_step_numpy
+
+
+def reference_step(phi, grad, state, scale, h1, h2, pre, param):
+    """The float64 reference step on a flat float32 φ (the kernels' argument), through `layout.unflatten`."""
+    tree = layout.unflatten(np.asarray(phi), h1, h2, layout.input_size(pre))
+    with np.errstate(over="ignore"):  # exp overflow in the float64 sigmoid of huge gates: exact limits
+        return lstm_step_numpy.lstm_step_np(tree, grad, state, scale, h1, h2, pre, param)
 
 
 def rel_err(got, ref):
@@ -105,9 +130,9 @@ def rel_err(got, ref):
 
 
 def make_inputs(rng, ref, h1, h2, pre, n):
-    P = ref.num_params(h1, h2, pre)
+    """Flat float32 φ (a random tree, flattened), gradients with special values scattered through N, state."""
     S = 2 * (h1 + h2)
-    phi = rng.normal(0.0, 0.3, P).astype(np.float32)
+    phi = layout.flatten(ref.random_phi_tree(rng, h1, h2, pre, std=0.3))
     g = rng.normal(size=n) * 10.0 ** rng.uniform(-8, 2, n)
     kind = rng.uniform(size=n)
     g[kind < 0.05] = 0.0
@@ -134,10 +159,14 @@ def cpu_selftest(K, ref):
     rng = np.random.default_rng(0)
     worst = 0.0
     for h1, h2, pre, param in CONFIGS:
+        P = layout.num_params(h1, h2, layout.input_size(pre))
+        if K.num_params(h1, h2, pre) != P:
+            print(f"num_params {h1}/{h2} {pre}: module {K.num_params(h1, h2, pre)}, layout.py {P}: FAIL")
+            return False
         n = 1000
         phi, grad, state = make_inputs(rng, ref, h1, h2, pre, n)
         upd, ns = K.forward_cpu(phi, grad, state, 0.1, h1, h2, pre, param)
-        u64, s64 = ref.lstm_step_np(phi, grad, state, 0.1, h1, h2, pre, param)
+        u64, s64 = reference_step(phi, grad, state, 0.1, h1, h2, pre, param)
         e = max(rel_err(upd, u64), rel_err(ns, s64))
         worst = max(worst, e)
         print(f"forward_cpu {h1}/{h2} {pre:8s} vs float64: {e:.2e}")
@@ -190,7 +219,7 @@ def correctness(K, ref, cp, results):
         scale = 0.1
         u_cpu, s_cpu = K.forward_cpu(phi, grad, state, scale, h1, h2, pre, param)
         if n <= 10000:
-            u64, s64 = ref.lstm_step_np(phi, grad, state, scale, h1, h2, pre, param)
+            u64, s64 = reference_step(phi, grad, state, scale, h1, h2, pre, param)
         else:
             u64 = s64 = None
         d_phi, d_grad, d_state = dev.upload(phi), dev.upload(grad), dev.upload(state)
@@ -352,7 +381,7 @@ def copy_bandwidth(cp, reps):
 def time_ours(K, cp, n, args, rows, pre="paper", param=10.0):
     h1 = h2 = 20
     S = 80
-    P = 4 * h1 * (2 + h1) + 4 * h1 + 4 * h2 * (h1 + h2) + 4 * h2 + h2 + 1
+    P = layout.num_params(h1, h2, layout.input_size(pre))
     rs = cp.random.RandomState(7)
     phi = (rs.standard_normal(P, dtype=np.float32) * 0.3).astype(np.float32)
     grad = rs.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
@@ -385,20 +414,16 @@ def time_ours(K, cp, n, args, rows, pre="paper", param=10.0):
     cp.get_default_memory_pool().free_all_blocks()
 
 
-def _split_sizes(h1, h2, d):
-    return [4 * h1 * (d + h1), 4 * h1, 4 * h2 * (h1 + h2), 4 * h2, h2, 1]
-
-
 def torch_step_fn(h1=20, h2=20, pre="paper", param=10.0):
     import torch
 
-    d = 1 if pre == "none" else 2
-    sizes = _split_sizes(h1, h2, d)
+    d = layout.input_size(pre)
     eps = float(np.finfo(np.float32).eps)
 
-    def step(phi, grad, state, scale: float):
-        w1, b1, w2, b2, wo, bo = torch.split(phi, sizes)
-        w1, w2 = w1.view(4 * h1, d + h1), w2.view(4 * h2, h1 + h2)
+    def step(phi, grad, state, scale: float):  # phi: the kernels' flat φ
+        t = layout.unflatten(phi, h1, h2, d, reshape=torch.reshape)
+        w1, b1, w2, b2 = t["lstm1"]["w"], t["lstm1"]["b"], t["lstm2"]["w"], t["lstm2"]["b"]
+        wo, bo = t["out"]["w"], t["out"]["b"]
         if pre == "none":
             x = grad[None]
         else:
@@ -429,13 +454,13 @@ def jax_step_fn(h1=20, h2=20, pre="paper", param=10.0):
     import jax
     import jax.numpy as jnp
 
-    d = 1 if pre == "none" else 2
-    cuts = np.cumsum(_split_sizes(h1, h2, d))[:-1].tolist()
+    d = layout.input_size(pre)
     eps = float(np.finfo(np.float32).eps)
 
-    def step(phi, grad, state, scale):
-        w1, b1, w2, b2, wo, bo = jnp.split(phi, cuts)
-        w1, w2 = w1.reshape(4 * h1, d + h1), w2.reshape(4 * h2, h1 + h2)
+    def step(phi, grad, state, scale):  # phi: the kernels' flat φ
+        t = layout.unflatten(phi, h1, h2, d, reshape=jnp.reshape)
+        w1, b1, w2, b2 = t["lstm1"]["w"], t["lstm1"]["b"], t["lstm2"]["w"], t["lstm2"]["b"]
+        wo, bo = t["out"]["w"], t["out"]["b"]
         if pre == "none":
             x = grad[None]
         else:
@@ -465,7 +490,7 @@ def jax_step_fn(h1=20, h2=20, pre="paper", param=10.0):
 def framework_check_inputs(ref):
     rng = np.random.default_rng(5)
     phi, grad, state = make_inputs(rng, ref, 20, 20, "paper", 2000)
-    u64, s64 = ref.lstm_step_np(phi, grad, state, 0.1, 20, 20, "paper", 10.0)
+    u64, s64 = reference_step(phi, grad, state, 0.1, 20, 20, "paper", 10.0)
     return phi, grad, state, u64, s64
 
 
@@ -543,7 +568,8 @@ def timing(K, ref, cp, args, results):
     results["copy_bandwidth_GBps"] = bw / 1e9
     log(f"device-to-device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     for n in sizes:
-        rows.append(dict(impl="memory floor (652 B/coord)", n=n, ms=BYTES_FWD * n / bw * 1e3, bytes=BYTES_FWD))
+        rows.append(dict(impl=f"memory floor ({BYTES_FWD} B/coord)", n=n, ms=BYTES_FWD * n / bw * 1e3,
+                         bytes=BYTES_FWD))
     for n in sizes:
         log(f"timing our kernels, N={n}")
         try:
@@ -632,6 +658,8 @@ def main():
         sys.exit("--module-dir is required (tools/gpu_check.sh builds the module and passes it)")
     K = load_kernels(args.module_dir)
     ref = load_reference()
+    imported = sorted({"tensorflow", "l2l_tf"} & set(sys.modules))
+    assert not imported, f"gpu_check must run without TensorFlow and the l2l_tf package, but imported {imported}"
     results = {"argv": sys.argv[1:]}
     build_report(args.module_dir, results)
     if args.cpu_selftest:

@@ -1,12 +1,15 @@
 """The ops layer: one switch between the fused custom op and the pure-TF reference.
 
-    update, new_state = lstm_step(phi, grad, state, scale, config, implementation="auto")
+    updates, new_states = lstm_steps(phi, grads, states, scale, config, implementation="auto")
 
-"reference" always works. "fused" uses the compiled op library (csrc/) and raises when it was not built.
-"auto" uses the fused op when it is built and the caller is not being compiled by XLA (custom ops have no XLA
-kernel), else the reference.
+φ is the named tree of `layout.py`; `grads` are flat [N_i] tensors and `states` their [S, N_i] states. "reference"
+always works. "fused" uses the compiled op library (csrc/) and raises when it was not built. "auto" uses the fused
+op when it is built and the caller is not being compiled by XLA (custom ops have no XLA kernel), else the reference.
+The fused kernels read φ as one flat vector: `flat_phi` builds it (differentiably) from the tree, once per call.
 """
-from l2l_tf.ops import fused, reference
+import tensorflow as tf
+
+from l2l_tf.ops import fused, layout, reference
 from l2l_tf.ops.config import DEFAULT_PREPROCESS_PARAM, PREPROCESS_MODES, StepConfig
 
 IMPLEMENTATIONS = ("auto", "fused", "reference")
@@ -15,6 +18,16 @@ IMPLEMENTATIONS = ("auto", "fused", "reference")
 def fused_available():
     """True when the compiled op library loaded."""
     return fused.available()
+
+
+def fused_load_error():
+    """Why the compiled op library is unavailable (None when it loaded)."""
+    return fused.load_error()
+
+
+def inside_xla_compilation():
+    """True while tracing code that XLA will compile (`jit_compile=True`), where the custom op cannot run."""
+    return fused.inside_xla_compilation()
 
 
 def check_implementation(implementation):
@@ -39,12 +52,51 @@ def resolve_implementation(implementation):
     return implementation
 
 
-def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"):
-    """One coordinatewise LSTM step on a flat gradient: phi [P], grad [N], state [S, N] → (update [N], state)."""
+def flat_phi(phi, config: StepConfig):
+    """The fused kernels' flat float32 [P] φ from a φ tree (gradients flow back to the leaves)."""
+    check_phi_tree(phi, config)
+    return layout.flatten(phi, concat=tf.concat, reshape=tf.reshape)
+
+
+def phi_tree(flat, config: StepConfig):
+    """The φ tree of a flat [P] φ (the layout of the kernels and of φ files written before format version 2)."""
+    return layout.unflatten(tf.convert_to_tensor(flat, tf.float32), config.hidden1, config.hidden2,
+                            config.input_size, reshape=tf.reshape)
+
+
+def check_phi_tree(phi, config: StepConfig):
+    """Raises ValueError naming the first leaf of `phi` that is missing or has the wrong shape for `config`."""
+    shapes = config.phi_shapes
+    if not isinstance(phi, dict) or set(phi) != set(shapes):
+        got = sorted(phi) if isinstance(phi, dict) else type(phi).__name__
+        raise ValueError(f"phi must be a tree with layers {sorted(shapes)}, got {got}")
+    for layer, part in layout.LEAVES:
+        leaf = phi[layer].get(part) if isinstance(phi[layer], dict) else None
+        if leaf is None:
+            raise ValueError(f"phi is missing the leaf {layer}/{part}")
+        shape = tuple(leaf.shape)
+        if shape != shapes[layer][part]:
+            raise ValueError(f"phi leaf {layer}/{part} must have shape {shapes[layer][part]} for hidden sizes "
+                             f"{config.hidden1}/{config.hidden2} and preprocess={config.preprocess!r}, got {shape}")
+
+
+def lstm_steps(phi, grads, states, scale, config: StepConfig, implementation="auto"):
+    """One coordinatewise LSTM step for each flat gradient [N_i] with its state [S, N_i]: (updates, new states)."""
     if resolve_implementation(implementation) == "fused":
-        return fused.lstm_step(phi, grad, state, scale, config)
-    return reference.lstm_step(phi, grad, state, scale, config)
+        flat = flat_phi(phi, config)
+        results = [fused.lstm_step(flat, g, s, scale, config) for g, s in zip(grads, states)]
+    else:
+        check_phi_tree(phi, config)
+        results = [reference.lstm_step(phi, g, s, scale, config) for g, s in zip(grads, states)]
+    return [u for u, _ in results], [s for _, s in results]
+
+
+def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"):
+    """One coordinatewise LSTM step on a flat gradient: φ tree, grad [N], state [S, N] → (update [N], state)."""
+    (update,), (new_state,) = lstm_steps(phi, [grad], [state], scale, config, implementation)
+    return update, new_state
 
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "IMPLEMENTATIONS", "lstm_step",
-           "fused_available", "check_implementation", "resolve_implementation"]
+           "lstm_steps", "flat_phi", "phi_tree", "check_phi_tree", "fused_available", "fused_load_error",
+           "inside_xla_compilation", "check_implementation", "resolve_implementation", "layout"]

@@ -2,7 +2,7 @@
 import dataclasses
 import math
 
-import tensorflow as tf
+from l2l_tf.ops import layout
 
 PREPROCESS_MODES = ("none", "paper", "clamped")
 DEFAULT_PREPROCESS_PARAM = {"none": 0.0, "paper": 10.0, "clamped": 5.0}
@@ -42,7 +42,7 @@ class StepConfig:
 
     @property
     def input_size(self):
-        return 1 if self.preprocess == "none" else 2
+        return layout.input_size(self.preprocess)
 
     @property
     def state_rows(self):
@@ -50,18 +50,11 @@ class StepConfig:
         return 2 * (self.hidden1 + self.hidden2)
 
     @property
-    def param_shapes(self):
-        """(name, shape) of each piece of the flat φ, in storage order."""
-        d, h1, h2 = self.input_size, self.hidden1, self.hidden2
-        return (("w1", (4 * h1, d + h1)), ("b1", (4 * h1,)), ("w2", (4 * h2, h1 + h2)),
-                ("b2", (4 * h2,)), ("wo", (h2,)), ("bo", (1,)))
+    def phi_shapes(self):
+        """The φ tree's leaf shapes: {"lstm1": {"w", "b"}, "lstm2": {"w", "b"}, "out": {"w", "b"}}."""
+        return layout.phi_shapes(self.hidden1, self.hidden2, self.input_size)
 
     @property
     def num_params(self):
-        return sum(math.prod(shape) for _, shape in self.param_shapes)
-
-    def split_phi(self, phi):
-        """Views of a flat [P] φ as (w1, b1, w2, b2, wo, bo)."""
-        sizes = [math.prod(shape) for _, shape in self.param_shapes]
-        pieces = tf.split(phi, sizes)
-        return tuple(tf.reshape(p, shape) for p, (_, shape) in zip(pieces, self.param_shapes))
+        """P: the number of weights in φ."""
+        return layout.num_params(self.hidden1, self.hidden2, self.input_size)

@@ -1,7 +1,7 @@
 """Pure-TensorFlow statement of the coordinatewise LSTM step (the reference and the fallback).
 
-Same math, flat-φ layout and [S, N] state layout as csrc/lstm_step.h. Written with plain TF ops so that it
-differentiates (to φ, the state and the gradient input), runs eagerly, in `tf.function` and under XLA.
+Same math and [S, N] state layout as csrc/lstm_step.h, on the φ tree (layout.py). Written with plain TF ops so that
+it differentiates (to φ, the state and the gradient input), runs eagerly, in `tf.function` and under XLA.
 """
 import math
 
@@ -35,20 +35,19 @@ def preprocess(grad, config: StepConfig):
     return tf.stack([log_feature, sign_feature])
 
 
-def _lstm_cell(kernel, bias, inputs, cell, units):
-    gates = tf.matmul(kernel, inputs) + bias[:, None]
+def _lstm_cell(layer, inputs, cell):
+    gates = tf.matmul(layer["w"], inputs) + layer["b"][:, None]
     i, f, g, o = tf.split(gates, 4, axis=0)
     new_cell = tf.sigmoid(f) * cell + tf.sigmoid(i) * tf.tanh(g)
     return tf.sigmoid(o) * tf.tanh(new_cell), new_cell
 
 
 def lstm_step(phi, grad, state, scale, config: StepConfig):
-    """One step for N coordinates: phi [P], grad [N], state [S, N], scale scalar → (update [N], new state [S, N])."""
-    w1, b1, w2, b2, wo, bo = config.split_phi(phi)
+    """One step for N coordinates: φ tree, grad [N], state [S, N], scale scalar → (update [N], new state [S, N])."""
     h1_units, h2_units = config.hidden1, config.hidden2
     h1, c1, h2, c2 = tf.split(state, [h1_units, h1_units, h2_units, h2_units], axis=0)
     x = preprocess(grad, config)
-    h1, c1 = _lstm_cell(w1, b1, tf.concat([x, h1], 0), c1, h1_units)
-    h2, c2 = _lstm_cell(w2, b2, tf.concat([h1, h2], 0), c2, h2_units)
-    update = scale * (tf.linalg.matvec(h2, wo, transpose_a=True) + bo[0])
+    h1, c1 = _lstm_cell(phi["lstm1"], tf.concat([x, h1], 0), c1)
+    h2, c2 = _lstm_cell(phi["lstm2"], tf.concat([h1, h2], 0), c2)
+    update = scale * (tf.linalg.matvec(h2, phi["out"]["w"], transpose_a=True) + phi["out"]["b"][0])
     return update, tf.concat([h1, c1, h2, c2], axis=0)

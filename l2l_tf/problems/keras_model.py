@@ -1,81 +1,9 @@
-"""Problem families: what the learned optimizer is trained and evaluated on.
-
-A family draws problems from integer seeds. A problem is a `ProblemInstance`:
-  params  tuple of float tensors, the optimizee's initial θ_0 (what the optimizer updates);
-  extra   tuple of tensors carried from step to step but not optimized (e.g. batch-norm statistics); () if none;
-  data    a nest of tensors that defines this problem (the quadratic's W and y, a data set and a minibatch seed).
-The loss is a pure function `family.loss(params, extra, data, step) -> (loss, new_extra)`; `step` (an int32 scalar
-tensor) lets a problem draw the minibatch of that step, so that every optimizer evaluated on the same problem sees
-the same minibatches. Keeping the data in tensors (not in Python closures) lets one traced `tf.function` serve every
-problem of a family.
-"""
-import abc
-from typing import Any, NamedTuple
-
+"""Any Keras model, data set and loss as a problem family (through Keras 3 `stateless_call`)."""
 import numpy as np
 import tensorflow as tf
 
-
-class ProblemInstance(NamedTuple):
-    params: tuple
-    extra: tuple
-    data: Any
-
-
-class ProblemFamily(abc.ABC):
-    """A distribution over optimization problems that share one loss function and parameter shapes."""
-
-    @abc.abstractmethod
-    def sample(self, seed: int) -> ProblemInstance:
-        """The problem drawn from `seed` (the same seed always gives the same problem)."""
-
-    @abc.abstractmethod
-    def loss(self, params, extra, data, step):
-        """(scalar float32 loss of θ = params at this step, new extra)."""
-
-
-def seeds_for(split, count, base_seed=0):
-    """Disjoint integer seed ranges for "train", "validation" and "test" problems."""
-    offsets = {"train": 0, "validation": 1_000_000_007, "test": 2_000_000_014}
-    if split not in offsets:
-        raise ValueError(f"split must be one of {sorted(offsets)}, got {split!r}")
-    start = offsets[split] + 100_003 * int(base_seed)
-    return [start + i for i in range(count)]
-
-
-class QuadraticFamily(ProblemFamily):
-    """f(θ) = mean_b ‖W_b θ_b − y_b‖² over a batch of independent `num_dims`-dimensional least-squares problems.
-
-    Args:
-        batch_size: functions per problem (release: 128); each has its own W, y and θ.
-        num_dims: dimension d of θ_b (paper: 10).
-        distribution: "gaussian" (paper: W, y ~ N(0, 1)) or "uniform" (the authors' release: U[0, 1)).
-        init_stddev: θ_0 ~ N(0, init_stddev²) (0.01).
-    """
-
-    def __init__(self, batch_size=128, num_dims=10, distribution="gaussian", init_stddev=0.01):
-        if distribution not in ("gaussian", "uniform"):
-            raise ValueError(f"distribution must be 'gaussian' or 'uniform', got {distribution!r}")
-        if batch_size < 1 or num_dims < 1:
-            raise ValueError(f"batch_size and num_dims must be positive, got {batch_size}, {num_dims}")
-        self.batch_size, self.num_dims = int(batch_size), int(num_dims)
-        self.distribution, self.init_stddev = distribution, float(init_stddev)
-
-    def sample(self, seed):
-        rng = np.random.default_rng(seed)
-        shape_w, shape_y = (self.batch_size, self.num_dims, self.num_dims), (self.batch_size, self.num_dims)
-        if self.distribution == "gaussian":
-            w, y = rng.standard_normal(shape_w), rng.standard_normal(shape_y)
-        else:
-            w, y = rng.uniform(size=shape_w), rng.uniform(size=shape_y)
-        theta = rng.normal(0.0, self.init_stddev, shape_y)
-        as_tensor = lambda a: tf.constant(a, tf.float32)
-        return ProblemInstance((as_tensor(theta),), (), (as_tensor(w), as_tensor(y)))
-
-    def loss(self, params, extra, data, step):
-        (theta,), (w, y) = params, data
-        residual = tf.linalg.matvec(w, theta) - y
-        return tf.reduce_mean(tf.reduce_sum(tf.square(residual), axis=-1)), extra
+from l2l_tf.problems.base import ProblemFamily, ProblemInstance
+from l2l_tf.rules import param_specs
 
 
 class KerasModelFamily(ProblemFamily):
@@ -129,6 +57,15 @@ class KerasModelFamily(ProblemFamily):
                                                                      replace=False))
             x, y = tf.gather(x, subset), tf.gather(y, subset)
         return ProblemInstance(params, extra, (x, y, minibatch_seed))
+
+    def param_specs(self):
+        return param_specs(self.model.trainable_variables)
+
+    def describe(self):
+        return {"class": type(self).__name__, "model": self.model.name, "param_specs": [list(map(str, s)) for s in
+                                                                                        self.param_specs()],
+                "num_examples": self.num_examples, "examples_per_problem": self.examples_per_problem,
+                "batch_size": self.batch_size}
 
     def minibatch(self, data, step):
         x, y, minibatch_seed = data

@@ -9,6 +9,8 @@ seed. The architecture-transfer variants of Fig. 5 are `SETTINGS`.
 """
 import numpy as np
 
+from l2l_tf.problems.keras_model import KerasModelFamily
+
 # The settings reported by experiments/mnist.py: name → (hidden sizes, activation, optimizee steps).
 SETTINGS = {
     "base": dict(hidden=(20,), activation="sigmoid", steps=100),
@@ -17,8 +19,6 @@ SETTINGS = {
     "layers2": dict(hidden=(20, 20), activation="sigmoid", steps=100),
     "relu": dict(hidden=(20,), activation="relu", steps=100),
 }
-TITLES = {"base": "MNIST, 20 sigmoid units, 100 steps", "steps200": "MNIST, 200 steps",
-          "units40": "MNIST, 40 units", "layers2": "MNIST, 2 hidden layers", "relu": "MNIST, ReLU"}
 
 
 def build_mlp(hidden=(20,), activation="sigmoid", num_classes=10, input_dim=784, seed=0, init_stddev=0.01):
@@ -63,8 +63,6 @@ def mnist_families(splits, hidden=(20,), activation="sigmoid", batch_size=128, i
     `examples_per_problem`: each problem trains on its own random subset of that many images of its split (None:
     the whole split), so that problems of splits of different sizes are alike.
     """
-    from l2l_tf.problems import KerasModelFamily
-
     model_fn = mlp_model_fn(hidden, activation, init_stddev)
     return {split: KerasModelFamily(model_fn, (x, y), cross_entropy(), batch_size=batch_size,
                                     examples_per_problem=examples_per_problem)
