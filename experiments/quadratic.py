@@ -13,49 +13,35 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from l2l_tf import baselines, evaluation, reporting  # noqa: E402
-from l2l_tf.meta_train import MetaTrainer  # noqa: E402
+from experiments import common_flags as common  # noqa: E402
+from l2l_tf import baselines, evaluation, reporting, rules  # noqa: E402
 from l2l_tf.problems import QuadraticFamily, seeds_for  # noqa: E402
-from l2l_tf.update_rule import LSTMUpdateRule  # noqa: E402
+from l2l_tf.training import MetaTrainer  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("logdir", "/tmp/l2l_quadratic", "Output directory (results.json, figure.png, events, checkpoint).")
-flags.DEFINE_integer("seed", 0, "Seed of φ's initialisation and of every problem split.")
+common.define_run_flags(logdir="/tmp/l2l_quadratic")
 flags.DEFINE_enum("distribution", "gaussian", ["gaussian", "uniform"], "W, y ~ N(0, 1) (paper) or U[0, 1) (release).")
 flags.DEFINE_integer("batch_size", 128, "Quadratic functions per problem.")
 flags.DEFINE_integer("num_dims", 10, "Dimension of each quadratic.")
-flags.DEFINE_integer("hidden1", 20, "Units of the first LSTM layer.")
-flags.DEFINE_integer("hidden2", 20, "Units of the second LSTM layer.")
-flags.DEFINE_enum("preprocess", "none", ["none", "paper", "clamped"], "Gradient preprocessing.")
-flags.DEFINE_float("output_scale", 1.0, "Output scale of the LSTM.")
-flags.DEFINE_enum("implementation", "auto", ["auto", "fused", "reference"], "LSTM step implementation.")
-flags.DEFINE_integer("num_epochs", 4000, "Meta-training epochs (one fresh problem each).")
-flags.DEFINE_integer("num_steps", 100, "Optimizee steps per problem, T.")
-flags.DEFINE_integer("unroll_length", 20, "Truncated-BPTT unroll length, K.")
-flags.DEFINE_float("learning_rate", 1e-2, "Adam learning rate on φ.")
-flags.DEFINE_float("clip_norm", None, "Clip the meta-gradient to this global norm.")
-flags.DEFINE_bool("second_derivatives", True, "Backpropagate through the optimizee gradient.")
-flags.DEFINE_integer("validation_every", 250, "Validate (and checkpoint) every this many epochs.")
-flags.DEFINE_integer("num_validation_problems", 20, "Held-out problems for early stopping and baseline tuning.")
-flags.DEFINE_integer("num_test_problems", 100, "Held-out problems for the reported curves.")
-flags.DEFINE_integer("patience", None, "Stop after this many validations without improvement.")
-flags.DEFINE_list("baselines", ["sgd", "nag", "rmsprop", "adam"], "Baselines to tune and compare.")
-flags.DEFINE_list("lr_grid", [f"{10 ** (k / 4):.4g}" for k in range(-16, 5)], "Learning rates tried per baseline.")
+common.define_rule_flags(preprocess="none", output_scale=1.0)
+common.define_meta_training_flags(num_epochs=4000, learning_rate=1e-2, second_derivatives=True,
+                                  validation_every=250, num_validation_problems=20)
+common.define_evaluation_flags(num_test_problems=100, lr_grid=[f"{10 ** (k / 4):.4g}" for k in range(-16, 5)])
+flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
 
 def main(argv):
     del argv
     started = time.time()
     logdir = FLAGS.logdir
-    rule = LSTMUpdateRule(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess, output_scale=FLAGS.output_scale,
-                          implementation=FLAGS.implementation)
+    rule = common.rule_from_flags()
+    common.check_implementation(rule)
     family = QuadraticFamily(FLAGS.batch_size, FLAGS.num_dims, FLAGS.distribution)
     trainer = MetaTrainer(rule, family, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                           second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
-                          clip_norm=FLAGS.clip_norm, seed=FLAGS.seed)
+                          clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, implementation=FLAGS.implementation)
     phi = trainer.train(FLAGS.num_epochs, validation_every=FLAGS.validation_every,
                         num_validation_problems=FLAGS.num_validation_problems,
                         checkpoint_dir=os.path.join(logdir, "checkpoint"), logdir=os.path.join(logdir, "train"),
@@ -66,16 +52,17 @@ def main(argv):
 
     evaluator = evaluation.Evaluator(family, FLAGS.num_steps)
     results = evaluation.compare(
-        evaluator, baselines.learned(rule), phi,
+        evaluator, baselines.learned(rule, implementation=FLAGS.implementation), phi,
         validation_seeds=seeds_for("validation", FLAGS.num_validation_problems, FLAGS.seed),
         test_seeds=seeds_for("test", FLAGS.num_test_problems, FLAGS.seed),
-        baselines=FLAGS.baselines, grid=[float(x) for x in FLAGS.lr_grid])
+        baselines=FLAGS.baselines, grid=common.lr_grid())
     reporting.log_curves(tf.summary.create_file_writer(os.path.join(logdir, "test")), results)
     output = {"steps": FLAGS.num_steps, "num_test_problems": FLAGS.num_test_problems,
-              "optimizers": reporting.public(results)}
+              "optimizers": reporting.public(results), "rule": rules.rule_to_config(rule),
+              "implementation": FLAGS.implementation}
     reporting.write_json(os.path.join(logdir, "results.json"), output)
     reporting.plot_curves(os.path.join(logdir, "figure.png"),
-                          [(f"Quadratics ({FLAGS.num_dims}-d, {FLAGS.distribution})", results)])
+                          [(reporting.quadratic_title(FLAGS.num_dims, FLAGS.distribution), results)])
     print(f"{'optimizer':<10}{'lr':>10}{'final loss (mean ± std)':>28}")
     for name, summary in reporting.public(results).items():
         lr = "-" if summary["learning_rate"] is None else f"{summary['learning_rate']:.3g}"

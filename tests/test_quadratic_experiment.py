@@ -1,11 +1,18 @@
+"""The quadratic binary end to end, its flags (shared with the other binaries through experiments/common_flags.py,
+with its own defaults), and the reporting all binaries share (colours, labels, titles, figure)."""
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from l2l_tf import reporting
+from l2l_tf.rules import LSTMUpdateRule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def test_quadratic_binary_writes_results_figure_and_events(tmp_path):
@@ -31,3 +38,108 @@ def test_quadratic_binary_writes_results_figure_and_events(tmp_path):
     assert any(name.startswith("events") for name in os.listdir(logdir / "train"))
     assert any(name.startswith("events") for name in os.listdir(logdir / "test"))
     assert (logdir / "phi.npz").exists() and (logdir / "checkpoint" / "meta_trainer.npz").exists()
+    # the rule as the registry names it; how it ran recorded beside it, never in it
+    assert results["rule"] == {"name": "lstm", "config": LSTMUpdateRule(20, 20, "none", output_scale=1.0).get_config()}
+    assert results["implementation"] == "auto"
+
+
+def test_binary_keeps_its_defaults():
+    """The flags shared with the other binaries keep the quadratic binary's defaults (README: same results)."""
+    code = ("import sys; sys.argv = ['quadratic.py']; from experiments import quadratic; from absl import flags; "
+            "flags.FLAGS(['quadratic.py']); F = flags.FLAGS; import json; print(json.dumps({name: F[name].value "
+            "for name in ['logdir', 'seed', 'distribution', 'batch_size', 'num_dims', 'hidden1', 'hidden2', "
+            "'preprocess', 'output_scale', 'implementation', 'num_epochs', 'num_steps', 'unroll_length', "
+            "'learning_rate', 'clip_norm', 'second_derivatives', 'validation_every', 'num_validation_problems', "
+            "'num_test_problems', 'patience', 'baselines', 'lr_grid']}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    assert values == {
+        "logdir": "/tmp/l2l_quadratic", "seed": 0, "distribution": "gaussian", "batch_size": 128, "num_dims": 10,
+        "hidden1": 20, "hidden2": 20, "preprocess": "none", "output_scale": 1.0, "implementation": "auto",
+        "num_epochs": 4000, "num_steps": 100, "unroll_length": 20, "learning_rate": 1e-2, "clip_norm": None,
+        "second_derivatives": True, "validation_every": 250, "num_validation_problems": 20, "num_test_problems": 100,
+        "patience": None, "baselines": ["sgd", "nag", "rmsprop", "adam"],
+        "lr_grid": [f"{10 ** (k / 4):.4g}" for k in range(-16, 5)]}
+
+
+def test_shared_flags_show_in_short_help_and_bad_values_are_usage_errors():
+    binary = os.path.join(ROOT, "experiments", "quadratic.py")
+    result = subprocess.run([sys.executable, binary, "--helpshort"], capture_output=True, text=True, env=ENV,
+                            timeout=120)  # absl exits 1 after printing the help
+    assert "experiments/quadratic.py:" in result.stdout, result.stderr[-3000:]
+    for flag in ("--distribution", "--preprocess", "--implementation", "--num_epochs", "--lr_grid"):
+        assert flag in result.stdout, flag
+    assert "LogAndSign" in result.stdout  # --preprocess' help is l2l_tf.rules.preprocess.HELP
+    result = subprocess.run([sys.executable, binary, "--baselines=sgd,adagrad"], capture_output=True, text=True,
+                            env=ENV, timeout=120)
+    assert result.returncode != 0 and "--baselines" in result.stderr
+
+
+# ---- reporting: colours, labels and titles for any name ----
+def _hex(color):
+    from matplotlib import colors
+
+    return colors.to_hex(color)
+
+
+def test_known_optimizers_keep_their_colours_and_labels():
+    assert {name: reporting.color(name) for name in reporting.COLORS} == {
+        "lstm": "tab:red", "sgd": "tab:green", "momentum": "tab:olive", "nag": "tab:blue", "rmsprop": "tab:purple",
+        "adam": "tab:orange"}
+    assert [reporting.label(n) for n in ("lstm", "sgd", "momentum", "nag", "rmsprop", "adam")] == [
+        "LSTM", "SGD", "Momentum", "NAG", "RMSprop", "ADAM"]
+    assert reporting.colors(["adam", "lstm"]) == {"adam": "tab:orange", "lstm": "tab:red"}
+
+
+def test_unknown_optimizers_get_distinct_deterministic_colours_and_readable_labels():
+    names = ["lstm", "lstm_sub", "lstm_single", "sgd", "nag", "rmsprop", "adam"]
+    mapping = reporting.colors(names)
+    assert list(mapping) == names
+    assert mapping["lstm"] == "tab:red" and mapping["adam"] == "tab:orange"
+    assert len({_hex(c) for c in mapping.values()}) == len(names)                  # all lines apart
+    known = {_hex(c) for c in reporting.COLORS.values()}
+    assert _hex(mapping["lstm_sub"]) not in known and _hex(mapping["lstm_single"]) not in known
+    assert reporting.colors(reversed(names)) == mapping                          # the set decides, not the order
+    assert reporting.color("lstm_sub") == reporting.color("lstm_sub") in reporting.palette()
+    many = [f"rule_{i}" for i in range(len(reporting.palette()))]
+    assert len(set(reporting.colors(many).values())) == len(many)
+    assert reporting.label("lstm_single") == "LSTM (single)" and reporting.label("lstm_sub") == "LSTM (sub)"
+    assert reporting.label("yogi") == "Yogi" and reporting.label("adam_warm") == "ADAM (warm)"
+    assert reporting.is_learned("lstm_sub") and not reporting.is_learned("adam")
+    # deterministic across processes (not Python's salted hash)
+    code = ("from l2l_tf import reporting; import json; "
+            "print(json.dumps([reporting.color('lstm_sub'), reporting.colors(['lstm', 'lstm_sub', 'lstm_single'])]))")
+    outputs = set()
+    for hash_seed in ("1", "2"):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                env=dict(ENV, PYTHONHASHSEED=hash_seed))
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.add(result.stdout.strip().splitlines()[-1])
+    assert outputs == {json.dumps([reporting.color("lstm_sub"),
+                                   reporting.colors(["lstm", "lstm_sub", "lstm_single"])])}
+
+
+@pytest.mark.parametrize("name, experiment, title", [
+    ("steps200", "mnist", "MNIST, 200 steps"),                       # listed
+    ("layers2", "mnist", "MNIST, 2 hidden layers"),
+    ("units80", "mnist", "MNIST, 80 units"),                         # derived
+    ("layers2", "cifar10", "CIFAR-10, 2 layers"),
+    ("wide_relu", "cifar10", "CIFAR-10, wide ReLU"),
+])
+def test_setting_titles_for_any_name(name, experiment, title):
+    assert reporting.setting_title(name, experiment) == title
+    assert reporting.quadratic_title(10, "gaussian") == "Quadratics (10-d, gaussian)"
+
+
+def test_figure_with_unknown_optimizers(tmp_path):
+    curve = lambda scale: {"learning_rate": None, "mean_loss": list(scale * np.exp(-np.arange(11) / 3.0)),
+                           "final_loss_mean": 0.0, "final_loss_std": 0.0}
+    results = {"lstm": curve(1.0), "lstm_sub": curve(0.9), "lstm_single": curve(0.8), "adam": dict(curve(1.1),
+               learning_rate=0.01), "_raw": {}}
+    path = tmp_path / "figure.png"
+    reporting.plot_curves(str(path), [("CIFAR-10, base", results), ("CIFAR-10, 2 layers", results)])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    reporting.write_json(str(tmp_path / "results.json"), reporting.public(results))
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"lstm", "lstm_sub", "lstm_single", "adam"}

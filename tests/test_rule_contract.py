@@ -143,3 +143,22 @@ def test_meta_gradient_finite_and_nonzero(rule):
     for top in rule.phi_shapes():  # every part (every group of a partitioned rule) gets a gradient
         assert any(np.abs(g).max() > 0 for p, g in leaves if p.split("/")[0] == top), top
     assert np.isfinite(trainer.train_epoch()) and trainer.skipped_steps == 0  # and a whole epoch applies
+
+
+@parametrize_rules
+def test_implementation_choice(rule):
+    """"auto" and "reference" run every rule; "fused" runs the rules the op supports and is an error for others."""
+    specs = FAMILY.param_specs()
+    grads = [tf.ones(spec.shape) for spec in specs]
+    phi, state = rule.init_phi(0), rule.init_state(specs)
+    reference, _ = rule.step(phi, grads, state, implementation="reference")
+    auto, _ = rule.step(phi, grads, state, implementation="auto")
+    for a, b in zip(reference, auto):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    if not rule.supports_fused:
+        with pytest.raises(ValueError, match="cannot run"):
+            rule.step(phi, grads, state, implementation="fused")
+        with pytest.raises(ValueError, match="cannot run"):
+            LearnedOptimizer(rule=rule, implementation="fused")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        rule.step(phi, grads, state, implementation="cuda")

@@ -80,6 +80,12 @@ def check_phi_tree(phi, config: StepConfig):
                              f"{config.hidden1}/{config.hidden2} and preprocess={config.preprocess!r}, got {shape}")
 
 
+def preprocess(grad, config: StepConfig):
+    """The [D, N] features the LSTM reads of a flat [N] gradient (pure TF, differentiable; the kernels compute the
+    same inside the fused step)."""
+    return reference.preprocess(grad, config)
+
+
 def lstm_steps(phi, grads, states, scale, config: StepConfig, implementation="auto"):
     """One coordinatewise LSTM step for each flat gradient [N_i] with its state [S, N_i]: (updates, new states)."""
     if resolve_implementation(implementation) == "fused":
@@ -98,5 +104,5 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "IMPLEMENTATIONS", "lstm_step",
-           "lstm_steps", "flat_phi", "phi_tree", "check_phi_tree", "fused_available", "fused_load_error",
+           "lstm_steps", "preprocess", "flat_phi", "phi_tree", "check_phi_tree", "fused_available", "fused_load_error",
            "inside_xla_compilation", "check_implementation", "resolve_implementation", "layout"]

@@ -12,6 +12,8 @@ problem of a family.
 import abc
 from typing import Any, NamedTuple
 
+from l2l_tf.rules import param_specs
+
 
 class ProblemInstance(NamedTuple):
     params: tuple
@@ -34,13 +36,7 @@ class ProblemFamily(abc.ABC):
         """A ParamSpec (path, shape, dtype) per optimizee tensor, in the order of `params` (what update rules route
         and size their state by). This default names them param0, param1, ... from the problem of seed 0; families
         whose tensors have names (KerasModelFamily: the variables' paths) override it."""
-        from l2l_tf.rules import param_specs
-
         return param_specs(self.sample(0).params)
-
-    def describe(self):
-        """The arguments that define this family's problems (class and values), for checkpoints and results."""
-        return {"class": type(self).__name__}
 
 
 def seeds_for(split, count, base_seed=0):

@@ -61,12 +61,6 @@ class KerasModelFamily(ProblemFamily):
     def param_specs(self):
         return param_specs(self.model.trainable_variables)
 
-    def describe(self):
-        return {"class": type(self).__name__, "model": self.model.name, "param_specs": [list(map(str, s)) for s in
-                                                                                        self.param_specs()],
-                "num_examples": self.num_examples, "examples_per_problem": self.examples_per_problem,
-                "batch_size": self.batch_size}
-
     def minibatch(self, data, step):
         x, y, minibatch_seed = data
         index = tf.random.stateless_uniform([self.batch_size], seed=tf.stack([minibatch_seed, tf.cast(step, tf.int32)]),

@@ -10,7 +10,6 @@ from here. The fused kernels implement the same forms (the ops layer checks the 
 import dataclasses
 
 from l2l_tf import ops
-from l2l_tf.ops import reference
 
 MODES = ops.PREPROCESS_MODES
 DEFAULT_PARAM = dict(ops.DEFAULT_PREPROCESS_PARAM)
@@ -36,4 +35,4 @@ class Preprocessing:
 
     def features(self, grad):
         """[D, N] features of a flat [N] gradient (pure TF, differentiable)."""
-        return reference.preprocess(grad, ops.StepConfig(1, 1, self.mode, self.param))
+        return ops.preprocess(grad, ops.StepConfig(1, 1, self.mode, self.param))
