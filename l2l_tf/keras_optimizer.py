@@ -6,8 +6,8 @@
 φ is stored as optimizer variables, one per leaf, named by its path ("phi.lstm1.w"), and so is the rule's state:
 its shared parts, then each model variable's per-coordinate parts (for the LSTM one [S, size] slot per variable,
 rows h1 | c1 | h2 | c2, one column per coordinate), so that `.keras` files and `tf.train.Checkpoint`s carry them.
-One optimizer step is exactly the rule's `step`, times `learning_rate`: variable by variable for coordinatewise
-rules (Keras' own per-variable loop, sparse gradients row by row), all variables in one call otherwise.
+One optimizer step is exactly the rule's `step` on all variables with dense gradients, times `learning_rate` (φ
+read once per step); a coordinatewise rule steps the touched rows of sparse gradients, any other rule sees them dense.
 """
 import math
 import numbers
@@ -109,9 +109,9 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
     float16/bfloat16/float64 variables are cast to float32 and the update is cast back to the variable's dtype;
     floating state is stored in `state_dtype`.
 
-    Stepping: a coordinatewise rule (the LSTM, a Partitioned rule of coordinatewise rules) steps each variable in
-    Keras' per-variable `update_step`; any other rule steps all variables in one call (`_backend_update_step`), so
-    it can read and write state shared across coordinates, with sparse gradients densified.
+    Stepping: one call of the rule's `step` for all variables with dense gradients per optimizer step (Keras'
+    `_backend_update_step`), so a rule that is not coordinatewise reads and writes state shared across coordinates
+    and sees every gradient (sparse ones densified).
 
     Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`) with a coordinatewise rule: duplicate indices are
     summed first (the same gradient the dense path would see for those rows); then only the touched rows take a

@@ -20,6 +20,17 @@ from l2l_tf.rules import LSTMUpdateRule, leaf_paths, load_phi
 from l2l_tf.training import curriculum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, timeout=120):
+    """Runs `code` in a fresh Python from the repository root (the binaries' flags are process-global)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 PRETRAINED = os.path.join(ROOT, "l2l_tf", "pretrained", "mnist.npz")
 
 try:
@@ -240,10 +251,7 @@ def test_flagfiles_parse_into_the_two_phase_recipe(cfg):
             "from l2l_tf.training import curriculum; phases = mnist.training_phases(); "
             "assert all(isinstance(p, curriculum.Phase) for p in phases); "
             "import json; print(json.dumps([p.as_dict() for p in phases]))")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(code)
     phases = json.loads(result.stdout.strip().splitlines()[-1])
     assert [(p["unroll_length"], p["meta_loss"], p["loss_weights"]) for p in phases] == [
         (20, "log", "uniform"), (100, "sum", "rising")]
@@ -256,10 +264,7 @@ def test_bad_phases_are_usage_errors_naming_the_problem():
             "    flags.FLAGS.phase = [spec]\n"
             "    try:\n        mnist.training_phases(); print('accepted', spec)\n"
             "    except app.UsageError as error:\n        print('error', error)\n")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(code)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("error", "accepted"))]
     assert len(lines) == 5 and all(line.startswith("error") for line in lines), lines
     specs = ["unroll_length=7", "epochs=0", "meta_loss=mean", "speed=3", "learning_rate=fast"]
@@ -346,10 +351,7 @@ def test_binary_keeps_its_defaults():
             "'num_steps', 'unroll_length', 'learning_rate', 'clip_norm', 'second_derivatives', 'validation_every', "
             "'num_validation_problems', 'num_test_problems', 'patience', 'baselines', 'lr_grid', 'meta_lr_decay', "
             "'loss_weights', 'meta_loss', 'phase']}))")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python(code)
     values = json.loads(result.stdout.strip().splitlines()[-1])
     assert values == {
         "logdir": "/tmp/l2l_mnist", "seed": 0, "hidden1": 20, "hidden2": 20, "preprocess": "paper",
