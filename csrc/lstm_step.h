@@ -21,6 +21,17 @@
 // Derivatives of the preprocessing w.r.t. g (for d_grad): kPaper (1 / (p g), 0) | (0, exp(p));
 // kClamped: first feature sign(g) / (k (|g| + eps)) where log(|g|+eps)/k > -1 else 0, second feature
 // exp(k) where |g exp(k)| < 1 else 0.
+// p (kPaper) and k (kClamped) must lie in [kPreprocessParamMin, kPreprocessParamMax] = [0.001, 80]: exp(p) and
+// exp(-p) are then normal float32 numbers (exp(88.8) overflows float32) and log|g| / p is finite.
+//
+// Non-finite gradients (every mode, every kernel, and the pure-TF and NumPy references alike):
+//   +inf / -inf act as +FLT_MAX / -FLT_MAX, the largest finite gradient of that sign: g is clamped to
+//     [-FLT_MAX, FLT_MAX] before the preprocessing, so the update and new state of a +inf coordinate are exactly
+//     those of +FLT_MAX (the sign is kept; every finite g is unchanged). d_grad at +-inf is 0 (the clamp is flat
+//     beyond +-FLT_MAX), and d_phi / d_state there are those of +-FLT_MAX: all finite.
+//   NaN propagates: a NaN gradient gives a NaN update and NaN new state for its coordinate (and NaN d_grad, d_state
+//     and, through the sum over coordinates, d_phi in the backward); other coordinates are unaffected by it in the
+//     forward. The kernels' min/max keep NaN (no fmaxf-style NaN dropping).
 #pragma once
 
 #include <cstdint>
@@ -28,6 +39,10 @@
 namespace l2l {
 
 enum class Preprocess : int32_t { kNone = 0, kPaper = 1, kClamped = 2 };
+
+// The accepted preprocess_param for kPaper and kClamped (validate_config; l2l_tf/ops/config.py has the same range).
+constexpr float kPreprocessParamMin = 1e-3f;
+constexpr float kPreprocessParamMax = 80.0f;
 
 struct StepConfig {
   int32_t hidden1 = 20;

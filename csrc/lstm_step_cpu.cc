@@ -56,6 +56,7 @@
 #if defined(__SSE2__)
 // GCC 12 warns about the deliberately undefined pass-through operand inside the AVX-512 min/max intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #endif
 
@@ -69,8 +70,9 @@ const char* validate_config(const StepConfig& cfg) {
     return "preprocess must be kNone (0), kPaper (1) or kClamped (2)";
   }
   if (cfg.preprocess != Preprocess::kNone &&
-      !(std::isfinite(cfg.preprocess_param) && cfg.preprocess_param > 0.0f)) {
-    return "preprocess_param must be finite and > 0 for the 'paper' and 'clamped' preprocessing";
+      !(cfg.preprocess_param >= kPreprocessParamMin && cfg.preprocess_param <= kPreprocessParamMax)) {  // NaN fails
+    return "preprocess_param must be in [0.001, 80] for the 'paper' and 'clamped' preprocessing (exp(p) must be a "
+           "normal float32 number)";
   }
   return nullptr;
 }
@@ -541,7 +543,17 @@ class Kernel {
   }
 
   // ---- preprocessing
+  // +-inf -> +-FLT_MAX (the largest finite gradient of that sign); finite values and NaN unchanged, bit for bit. A
+  // select, not min/max: under TensorFlow the threads run with denormals-are-zero, which min/max would apply to a
+  // subnormal gradient (the comparison sees 0 too, but only picks which operand to keep). NaN compares false.
+  L2L_INLINE static vi is_infinite(vf g) { return vabs(g) > splat(FLT_MAX); }
+  L2L_INLINE static vf clamp_infinities(vf g) {
+    const vf signed_max = (vf)(((vi)g & int32_t(0x80000000)) | 0x7f7fffff);  // FLT_MAX with the sign of g
+    return is_infinite(g) ? signed_max : g;
+  }
+
   L2L_INLINE void preprocess(vf g, vf* f0, vf* f1) const {
+    g = clamp_infinities(g);
     if (pre_ == Preprocess::kNone) {
       *f0 = g;
       *f1 = splat(0.0f);
@@ -560,19 +572,26 @@ class Kernel {
     }
   }
 
-  // d(loss)/d(grad) from d(loss)/d(features); derivatives as listed in lstm_step.h.
-  L2L_INLINE vf preprocess_backward(vf g, vf d0, vf d1) const {
-    if (pre_ == Preprocess::kNone) return d0;
-    const vf a = vabs(g);
-    if (pre_ == Preprocess::kPaper) {
+  // d(loss)/d(grad) from d(loss)/d(features); derivatives as listed in lstm_step.h, at the clamped gradient; 0 at
+  // +-inf (the clamp is flat there).
+  L2L_INLINE vf preprocess_backward(vf g_in, vf d0, vf d1) const {
+    const vi infinite = is_infinite(g_in);  // false for NaN
+    const vf g = clamp_infinities(g_in);
+    vf r;
+    if (pre_ == Preprocess::kNone) {
+      r = d0;
+    } else if (pre_ == Preprocess::kPaper) {
+      const vf a = vabs(g);
       vi big = a >= splat(thr_);
-      return big ? d0 / (splat(param_) * g) : d1 * splat(ep_);
+      r = big ? d0 / (splat(param_) * g) : d1 * splat(ep_);
+    } else {
+      const vf ae = vabs(g) + splat(FLT_EPSILON);
+      vf l = log_(ae) / splat(param_);
+      vf t0 = l > splat(-1.0f) ? d0 * vsign(g) / (splat(param_) * ae) : splat(0.0f);
+      vf t1 = vabs(g * splat(ep_)) < splat(1.0f) ? d1 * splat(ep_) : splat(0.0f);
+      r = t0 + t1;
     }
-    const vf ae = a + splat(FLT_EPSILON);
-    vf l = log_(ae) / splat(param_);
-    vf t0 = l > splat(-1.0f) ? d0 * vsign(g) / (splat(param_) * ae) : splat(0.0f);
-    vf t1 = vabs(g * splat(ep_)) < splat(1.0f) ? d1 * splat(ep_) : splat(0.0f);
-    return t0 + t1;
+    return infinite ? splat(0.0f) : r;
   }
 
   // ---- gate GEMM of one layer on one sub-block: for every unit j, out[j][q][v] = b[q j] + sum_k W[q j][k] in[k][v]

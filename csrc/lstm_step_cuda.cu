@@ -89,10 +89,26 @@ Dims make_dims(const StepConfig& cfg) {
   return d;
 }
 
+// Clamps that keep NaN (a NaN gradient must give a NaN update, lstm_step.h): fmaxf / fminf return the non-NaN
+// operand, which would turn a NaN gradient into a finite feature. Comparisons with NaN are false, so these return v.
+__host__ __device__ inline float max_keep_nan(float v, float lo) { return v < lo ? lo : v; }
+__host__ __device__ inline float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// +-inf act as +-FLT_MAX, the largest finite gradient of that sign (lstm_step.h); finite values (subnormals included)
+// and NaN unchanged, bit for bit, as in the CPU kernels.
+__host__ __device__ inline float clamp_infinities(float g) { return fabsf(g) > FLT_MAX ? copysignf(FLT_MAX, g) : g; }
+
+// The raw gradient as the TF32 path's input for preprocess kNone: clamped to the largest finite TF32 value
+// ((2 - 2^-10) 2^127), so that the cvt.rna rounding of a gradient near FLT_MAX (or of +-inf, clamped to +-FLT_MAX)
+// cannot round up to infinity and make a 0 * inf in the MMA. The gates of such inputs saturate either way.
+#define L2L_TF32_MAX 0x1.ffcp+127f  // 0x7f7fe000, the largest finite TF32 number (3.4011621e38)
+__device__ __forceinline__ float tf32_raw_input(float g) { return clamp_keep_nan(g, -L2L_TF32_MAX, L2L_TF32_MAX); }
+
 // TF32 path: the log feature is rounded to TF32 (10-bit mantissa) before use, so the fast __logf
 // (MUFU.LG2, ~2^-21 relative) and a multiplication by 1/p are plenty.
 __device__ __forceinline__ void preprocess_feat_fast(int mode, float inv_param, float thresh, float expp, float g,
                                                      float& x0, float& x1) {
+  g = clamp_infinities(g);
   const float a = fabsf(g);
   const float sg = g > 0.f ? 1.f : (g < 0.f ? -1.f : 0.f);
   if (mode == 1) {
@@ -100,14 +116,16 @@ __device__ __forceinline__ void preprocess_feat_fast(int mode, float inv_param, 
     x0 = big ? __logf(a) * inv_param : -1.f;
     x1 = big ? sg : expp * g;
   } else {
-    x0 = fmaxf(__logf(a + FLT_EPSILON) * inv_param, -1.f);
-    x1 = fminf(fmaxf(g * expp, -1.f), 1.f);
+    x0 = max_keep_nan(__logf(a + FLT_EPSILON) * inv_param, -1.f);
+    x1 = clamp_keep_nan(g * expp, -1.f, 1.f);
   }
 }
 
-// Features of one gradient value and their derivatives w.r.t. g (see lstm_step.h).
-__host__ __device__ inline void preprocess_feat(int mode, float param, float thresh, float expp, float g,
+// Features of one gradient value and their derivatives w.r.t. g (see lstm_step.h): at the clamped gradient, and 0 at
+// +-inf (the clamp is flat there).
+__host__ __device__ inline void preprocess_feat(int mode, float param, float thresh, float expp, float g_in,
                                                 float& x0, float& x1, float& dx0, float& dx1) {
+  const float g = clamp_infinities(g_in);
   if (mode == 0) {
     x0 = g;
     x1 = 0.f;
@@ -129,12 +147,16 @@ __host__ __device__ inline void preprocess_feat(int mode, float param, float thr
   } else {
     const float a = fabsf(g);
     const float l = logf(a + FLT_EPSILON) / param;
-    x0 = fmaxf(l, -1.f);
+    x0 = max_keep_nan(l, -1.f);
     const float sg = g > 0.f ? 1.f : (g < 0.f ? -1.f : 0.f);
     dx0 = l > -1.f ? sg / (param * (a + FLT_EPSILON)) : 0.f;
     const float v = g * expp;
-    x1 = fminf(fmaxf(v, -1.f), 1.f);
+    x1 = clamp_keep_nan(v, -1.f, 1.f);
     dx1 = fabsf(v) < 1.f ? expp : 0.f;
+  }
+  if (fabsf(g_in) > FLT_MAX) {
+    dx0 = 0.f;
+    dx1 = 0.f;
   }
 }
 
@@ -442,7 +464,7 @@ __global__ void __launch_bounds__(MT == 2 ? 256 : 384, 1)
       for (int hh = 0; hh < 2; ++hh) {
         const float gr = LD(0, m * 16 + 8 * hh + g);
         if (D == 1) {
-          xs[hh] = t == 0 ? gr : 0.f;
+          xs[hh] = t == 0 ? tf32_raw_input(gr) : 0.f;
         } else {
           float x0, x1;
           preprocess_feat_fast(mode, inv_param, thresh, expp, gr, x0, x1);
@@ -699,7 +721,9 @@ __host__ __device__ inline void bwd_coord(const BwdArgs& a, float* row, int64_t 
 
   row[L.one] = 1.f;
   float x0, x1, dx0, dx1;
-  preprocess_feat(d.mode, d.param, d.thresh, d.expp, a.grad[i], x0, x1, dx0, dx1);
+  const float gi = a.grad[i];
+  const bool g_infinite = fabsf(gi) > FLT_MAX;
+  preprocess_feat(d.mode, d.param, d.thresh, d.expp, gi, x0, x1, dx0, dx1);
   row[L.in1] = x0;
   if (D == 2) row[L.in1 + 1] = x1;
   for (int k = 0; k < H1; ++k) row[L.in1 + D + k] = state[static_cast<int64_t>(k) * n + i];
@@ -798,7 +822,8 @@ __host__ __device__ inline void bwd_coord(const BwdArgs& a, float* row, int64_t 
       else d_state[static_cast<int64_t>(k - D) * n + i] = sv[j];
     }
   }
-  a.d_grad[i] = D == 1 ? dxs0 * dx0 : dxs0 * dx0 + dxs1 * dx1;
+  // 0 at +-inf (dx0 = dx1 = 0 there), also when the upstream dxs is not finite.
+  a.d_grad[i] = g_infinite ? 0.f : (D == 1 ? dxs0 * dx0 : dxs0 * dx0 + dxs1 * dx1);
 }
 
 // Parameter index p -> (dz slot, input slot) in a coordinate's row: d_phi[p] = sum_c row_c[zs] * row_c[is].

@@ -8,7 +8,9 @@
 //                preprocess="none", preprocess_param=10.0, num_threads=0) -> (d_phi, d_grad, d_state)
 //   cuda_available() -> bool
 //
-// Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise). Work is split over
+// Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise); preprocess_param must lie in
+// [0.001, 80] for "paper" and "clamped" (ValueError). Gradients of +-inf act as +-FLT_MAX (d_grad 0 there), NaN
+// gradients give NaN updates (lstm_step.h). Work is split over
 // num_threads std::threads (0 = hardware concurrency) in ranges of whole 256-coordinate chunks; the GIL is
 // released meanwhile. d_phi sums per-thread partial buffers in thread order (deterministic for a fixed
 // thread count); every other output is independent of the thread count.

@@ -3,10 +3,13 @@
 //   L2lLstmStep(phi [P], grad [N], state [S, N], scale []) -> (update [N], new_state [S, N])
 //   L2lLstmStepGrad(phi, grad, state, scale, d_update [N], d_new_state [S, N]) -> (d_phi [P], d_grad [N],
 //                                                                                  d_state [S, N])
-//   attrs: hidden1, hidden2 (int >= 1), preprocess in {"none", "paper", "clamped"}, preprocess_param (float).
+//   attrs: hidden1, hidden2 (int >= 1), preprocess in {"none", "paper", "clamped"}, preprocess_param (float; in
+//   [0.001, 80] for "paper" and "clamped", see lstm_step.h).
 //
 // float32 only. Every malformed input is an InvalidArgument error (shape functions at graph construction, the
-// kernels again at run time for shapes unknown until then), never a crash.
+// kernels again at run time for shapes unknown until then), never a crash. The Python wrapper (l2l_tf/ops) checks
+// the same things first, with the messages the pure-TF reference gives. Non-finite gradients as in lstm_step.h:
+// +-inf act as +-FLT_MAX (d_grad 0 there), NaN propagates to the coordinate's update and state.
 //
 // CPU kernels: the work is split into shards of whole 256-coordinate chunks run on TF's intra-op thread pool.
 // The backward gives each shard its own d_phi buffer and sums them in shard order, so the result is

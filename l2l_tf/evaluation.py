@@ -83,11 +83,15 @@ def tune_learning_rate(evaluator, optimizer, seeds, grid=DEFAULT_LR_GRID):
 
 
 def summarize(losses, learning_rate=None):
-    """The results.json entry of one optimizer: mean curve and final mean/std."""
+    """The results.json entry of one optimizer: mean curve, final mean/std, and the spread over problems at each
+    step (the 25% and 75% quantiles, "q25"/"q75", what figures shade around the mean)."""
+    losses = np.asarray(losses)
     return {"learning_rate": learning_rate,
             "mean_loss": [float(x) for x in np.mean(losses, axis=0)],
             "final_loss_mean": float(np.mean(losses[:, -1])),
-            "final_loss_std": float(np.std(losses[:, -1]))}
+            "final_loss_std": float(np.std(losses[:, -1])),
+            "q25": [float(x) for x in np.quantile(losses, 0.25, axis=0)],
+            "q75": [float(x) for x in np.quantile(losses, 0.75, axis=0)]}
 
 
 def compare(evaluator, learned_optimizer, phi, validation_seeds, test_seeds, baselines=("sgd", "nag", "rmsprop", "adam"),
@@ -95,18 +99,21 @@ def compare(evaluator, learned_optimizer, phi, validation_seeds, test_seeds, bas
     """Tunes each baseline's learning rate on the validation problems, then runs every optimizer on the test problems.
 
     `tuning_evaluator` (default: `evaluator`) may hold the validation family when it differs from the test one.
-    Returns {"lstm"|baseline: summarize(...)} plus the raw loss arrays under "_raw".
+    Returns {"lstm"|baseline: summarize(...)} plus the raw loss arrays under "_raw" and each baseline's tuning
+    scores under "_tuning" ({name: {learning rate: mean validation final loss (inf: diverged)}}, grid order).
     """
     tuning_evaluator = tuning_evaluator or evaluator
-    results, raw = {}, {}
+    results, raw, tuning = {}, {}, {}
     raw["lstm"] = evaluator.losses(learned_optimizer, {"phi": phi}, test_seeds)
     results["lstm"] = summarize(raw["lstm"])
     for name in baselines:
         optimizer = BASELINES[name]()
         lr, scores = tune_learning_rate(tuning_evaluator, optimizer, validation_seeds, grid)
+        tuning[name] = scores
         log(f"{name}: tuned learning rate {lr:g} (validation final loss by lr: "
             + ", ".join(f"{k:g}: {v:.4g}" for k, v in scores.items()) + ")")
         raw[name] = evaluator.losses(optimizer, {"learning_rate": lr}, test_seeds)
         results[name] = summarize(raw[name], lr)
     results["_raw"] = raw
+    results["_tuning"] = tuning
     return results

@@ -8,11 +8,16 @@ its shared parts, then each model variable's per-coordinate parts (for the LSTM 
 rows h1 | c1 | h2 | c2, one column per coordinate), so that `.keras` files and `tf.train.Checkpoint`s carry them.
 One optimizer step is exactly the rule's `step` on all variables with dense gradients, times `learning_rate` (φ
 read once per step); a coordinatewise rule steps the touched rows of sparse gradients, any other rule sees them dense.
+A step whose gradients hold NaN or inf is skipped whole (`skip_nonfinite`, on by default) and counted in
+`skipped_steps`. `keras.optimizers.get("LearnedOptimizer")` works like any registered Keras optimizer (with an
+untrained φ, as `from_config` gives: φ travels in `.keras` files and checkpoints, not in configs).
 """
 import math
 import numbers
 import os
 import pathlib
+import sys
+import threading
 import warnings
 
 import keras
@@ -29,6 +34,12 @@ PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / "pretrained"
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
 _LSTM_FIELDS = ("hidden1", "hidden2", "preprocess", "preprocess_param", "output_scale")
+
+# Keras modules whose `load...` functions deserialize an optimizer and then restore its variables from the same file
+# (`.keras` and legacy `.h5`): `from_config` called from inside one of them gets φ right after, so no warning then.
+_KERAS_LOADING_MODULES = ("keras.src.saving.saving_lib", "keras.src.legacy.saving.legacy_h5_format")
+# `.from_config` is True while `from_config` constructs: its own warning replaces __init__'s.
+_construction = threading.local()
 
 
 def available_pretrained():
@@ -113,6 +124,21 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
     `_backend_update_step`), so a rule that is not coordinatewise reads and writes state shared across coordinates
     and sees every gradient (sparse ones densified).
 
+    Non-finite gradients (`skip_nonfinite=True`, the default): when any gradient of a step holds NaN or inf (e.g. a
+    batch with NaN inputs), the whole step is skipped, as a loss-scale optimizer skips one: no model variable, rule
+    state, EMA or gradient accumulator changes and `iterations` does not advance (so a learning-rate schedule does
+    not either); `skipped_steps` (an optimizer variable, saved with the others) counts the skipped steps. The step is
+    decided on the gradients as given to `apply`, before clipping and weight decay. With
+    `gradient_accumulation_steps=N`, a micro-batch with a non-finite gradient is dropped whole: it is not added to
+    the accumulators and does not count toward the N, so each accumulated step averages N finite micro-batches (and
+    `skipped_steps` counts dropped micro-batches). Inside `keras.optimizers.LossScaleOptimizer` (mixed precision)
+    the wrapper skips non-finite steps first (and lowers its loss scale); this optimizer then only sees finite
+    gradients, so its `skipped_steps` stays 0. Under a `tf.distribute` strategy all replicas skip together.
+
+    Warnings: a φ that is untrained (`phi=None`) or fresh from a config (`from_config`, `keras.optimizers.get`,
+    `keras.optimizers.deserialize`: configs do not carry φ) gives a UserWarning; loading a `.keras` file does not
+    (`from_config` runs there too, but the saved φ is restored right after; if it is not, the first step warns).
+
     Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`) with a coordinatewise rule: duplicate indices are
     summed first (the same gradient the dense path would see for those rows); then only the touched rows take a
     step: their coordinates are updated and their state columns advance, while untouched rows keep both their
@@ -140,6 +166,8 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         name: the optimizer's name.
         rule: the update rule: an `UpdateRule` (e.g. `Partitioned(...)`) or its `rule_to_config` dict; default
             the plain LSTM of the arguments above.
+        skip_nonfinite: skip every step whose gradients hold NaN or inf (default True; see above). False applies
+            such a step like any other, which writes NaN into the variables and the rule's state.
         **kwargs: the usual Keras optimizer arguments: weight_decay, clipnorm, clipvalue, global_clipnorm,
             use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps.
 
@@ -166,6 +194,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         phi_seed=0,
         name="learned_optimizer",
         rule=None,
+        skip_nonfinite=True,
         **kwargs,
     ):
         # Validate everything before any variable exists.
@@ -183,17 +212,30 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         self.state_dtype = state_dtype
         self.phi_seed = phi_seed
         self.phi_metadata = phi_metadata
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._phi_restore_pending = False  # set by `from_config` during a Keras file load, cleared when φ is restored
         self._slots = []          # per model variable: {leaf path: state variable} of its per-coordinate state
         self._slot_templates = []  # per model variable: the per-coordinate state's structure (to repack)
         self._shared = {}         # {leaf path: variable} of the shared state
         self._shared_template = ()
         self._deferred_slot_values = None
+        # Before φ: its position after iterations (and learning_rate) is told apart from the φ leaf (float32) that
+        # stood there in files written before it existed (see `_upgrade_store`).
+        self._skipped_steps = self.add_variable(shape=(), initializer="zeros", dtype="int", name="skipped_steps",
+                                                aggregation="only_first_replica")
         self._phi = tree_from_paths([
             (path, self.add_variable(shape=tuple(value.shape), initializer=_ConstantArray(value), dtype="float32",
                                      name="phi." + path.replace("/", ".")))
             for path, value in leaf_paths(phi_value)])
-        # iteration (+ learning_rate) + φ leaves: what exists before `build`; `.keras` stores variables by position.
+        # iteration (+ learning_rate) + skipped_steps + φ leaves: what exists before `build`; `.keras` stores
+        # variables by position.
         self._num_unbuilt_variables = len(self.variables)
+        if phi is None and not getattr(_construction, "from_config", False):
+            warnings.warn(
+                f"LearnedOptimizer: φ is untrained (rule.init_phi({phi_seed!r}), random weights), so its steps are "
+                "not a learned optimizer's. For trained weights use LearnedOptimizer.from_pretrained(name) (available: "
+                f"{', '.join(available_pretrained()) or 'none'}) or LearnedOptimizer.from_file(path), or pass phi=.",
+                UserWarning, stacklevel=2)
 
     # ---- construction helpers ----
     @staticmethod
@@ -266,6 +308,11 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         """φ as a tree of float32 variables, one per leaf (assign to them, or use `set_phi`, to swap weights)."""
         return self._phi
 
+    @property
+    def skipped_steps(self):
+        """The number of steps skipped for non-finite gradients (an int variable; see `skip_nonfinite`)."""
+        return self._skipped_steps
+
     def phi_value(self):
         """φ as a tree of float32 tensors."""
         return tree_from_paths([(path, tf.convert_to_tensor(v.value)) for path, v in leaf_paths(self._phi)])
@@ -277,6 +324,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
             raise ValueError("set_phi needs a φ (a tree, an array or a φ file path)")
         for (_, variable), (_, value) in zip(leaf_paths(self._phi), leaf_paths(tree)):
             variable.assign(value)
+        self._phi_restore_pending = False
 
     def state_slot(self, variable):
         """The per-coordinate state of a model variable (after `build`): for the LSTM its [S, size] variable,
@@ -304,6 +352,55 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         return list(self._shared.values()) + [v for slots in self._slots if slots for v in slots.values()]
 
     # ---- Keras optimizer API ----
+    def apply(self, grads, trainable_variables=None):
+        """Keras' `apply` (clipping, weight decay, the step, EMA, gradient accumulation, constraints, the step
+        counter), all of it skipped when a gradient holds NaN or inf (`skip_nonfinite`): then only `skipped_steps`
+        advances. Works eagerly, in `tf.function`s and under XLA (the choice is a `tf.cond`)."""
+        self._warn_if_phi_not_restored()
+        grads = list(grads)
+        if not self.skip_nonfinite or not grads:
+            return super().apply(grads, trainable_variables)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not self.built:  # create the variables here, not inside a branch of the tf.cond below
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+        keras_apply = super().apply
+
+        def step():
+            keras_apply(grads, trainable_variables)
+
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            replica_context = tf.distribute.get_replica_context()
+            if not tf.__internal__.distribute.strategy_supports_no_merge_call():
+                # As keras' LossScaleOptimizer: a cond in a replica context must not hold merge_calls (the step's
+                # all-reduce, weight decay), so decide in the cross-replica context.
+                def decide(distribution):
+                    finite = distribution.extended.call_for_each_replica(_all_finite, args=(grads,))
+                    finite = tf.reduce_all(tf.stack(distribution.experimental_local_results(finite)))
+                    tf.cond(finite, lambda: distribution.extended.call_for_each_replica(step), self._count_skipped)
+
+                replica_context.merge_call(decide)
+                return
+            # All replicas must take the same branch (the step all-reduces the gradients).
+            nonfinite = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                   tf.cast(tf.logical_not(_all_finite(grads)), tf.int32))
+            finite = tf.equal(nonfinite, 0)
+        else:
+            finite = _all_finite(grads)
+        tf.cond(finite, step, self._count_skipped)
+
+    def _count_skipped(self):
+        self._skipped_steps.assign_add(1)
+
+    def _warn_if_phi_not_restored(self):
+        if self._phi_restore_pending:
+            self._phi_restore_pending = False
+            warnings.warn(f"optimizer {self.name!r} was deserialized while loading a Keras file but its φ was not "
+                          f"restored from it: it steps with a fresh, untrained φ (rule.init_phi({self.phi_seed!r}))",
+                          UserWarning, stacklevel=3)
+
     def build(self, var_list):
         """Creates the rule's state as optimizer variables: shared parts, then each variable's per-coordinate parts
         (φ already exists)."""
@@ -377,7 +474,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         indices = [self._get_variable_index(v) for _, v in dense]
         per_coordinate = tuple(self._pack(self._slot_templates[i], self._slots[i]) for i in indices)
         updates, state = self._rule.step(
-            phi, [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in dense],  # IndexedSlices densified
+            phi, [tf.cast(_dense(g, v), tf.float32) for g, v in dense],  # IndexedSlices densified
             RuleState(per_coordinate, shared), implementation=self.implementation)
         for i, (_, variable), update, entry in zip(indices, dense, updates, state.per_coordinate):
             self._write(self._slots[i], self._slot_templates[i], entry)
@@ -441,18 +538,36 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         if (partial or deferred) and self._base_shapes_match(store):
             for i in range(base):
                 self.variables[i].assign(store[str(i)])
+            self._phi_restore_pending = False
             if partial:
                 warnings.warn(f"optimizer {self.name!r} was saved before it was built: φ restored, the rule's "
                               "state starts from zero", stacklevel=2)
             else:
                 self._deferred_slot_values = [np.asarray(store[str(i)]) for i in range(base, count)]
             return
+        if count == len(self.variables):  # else Keras warns and skips loading
+            self._phi_restore_pending = False
         super().load_own_variables(store)
 
+    def set_weights(self, weights):
+        """Keras' `set_weights` (legacy `.h5` loading restores φ with it)."""
+        super().set_weights(weights)
+        self._phi_restore_pending = False
+
     def _upgrade_store(self, store):
-        """A store written before rules/ (φ one flat [P] variable) at today's positions (φ one variable per leaf)."""
+        """A store written by earlier versions at today's positions: before `skipped_steps` (everything from φ on
+        one position earlier: the counter starts at zero) and before rules/ (φ one flat [P] variable where φ's
+        leaves are now)."""
         leaves = leaf_paths(self._phi)
-        first = self._num_unbuilt_variables - len(leaves)  # φ's position: after iterations (and learning_rate)
+        first = self._num_unbuilt_variables - len(leaves)  # φ's position: after iterations (learning_rate), counter
+        counter = first - 1
+        if str(counter) in store.keys() and not np.issubdtype(np.asarray(store[str(counter)]).dtype, np.integer):
+            # φ (always float32) where the int counter is now: written before it existed.
+            count = len(store.keys())
+            upgraded = {str(i): store[str(i)] for i in range(counter)}
+            upgraded[str(counter)] = np.zeros((), np.int64)
+            upgraded.update({str(i + 1): store[str(i)] for i in range(counter, count)})
+            store = upgraded
         if not isinstance(self._rule, LSTMUpdateRule) or str(first) not in store.keys():
             return store
         flat = np.asarray(store[str(first)])
@@ -492,20 +607,79 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
             "state_dtype": self.state_dtype,
             "implementation": self.implementation,
             "phi_seed": self.phi_seed,
+            "skip_nonfinite": self.skip_nonfinite,
         })
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        """Also reads the configs written before rules/ (the LSTM's arguments at the top level); a config saved
-        with implementation="fused" gives "auto", with a warning, where the op is missing."""
+        """Also reads the configs written before rules/ (the LSTM's arguments at the top level, no
+        skip_nonfinite); a config saved with implementation="fused" gives "auto", with a warning, where the op is
+        missing.
+
+        φ is not part of the config: the optimizer gets a fresh φ (`rule.init_phi(phi_seed)`), with a warning,
+        except while Keras loads a file (`keras.models.load_model`), which restores the saved φ right after.
+        """
         config = dict(config)
         if config.get("implementation") == "fused" and not ops.fused_available():
             warnings.warn("this optimizer was saved with implementation='fused' but the l2l_tf op library is not "
                           f"available here ({ops.fused_load_error()}); using implementation='auto' (the pure-TF "
                           "step)", stacklevel=2)
             config["implementation"] = "auto"
-        return super().from_config(config, custom_objects=custom_objects)
+        outer, _construction.from_config = getattr(_construction, "from_config", False), True
+        try:
+            optimizer = super().from_config(config, custom_objects=custom_objects)
+        finally:
+            _construction.from_config = outer
+        if _keras_file_loading():
+            optimizer._phi_restore_pending = True  # cleared when load_own_variables restores φ; else the step warns
+        else:
+            warnings.warn(
+                f"LearnedOptimizer.from_config: φ is not part of the config, so optimizer {optimizer.name!r} has a "
+                f"fresh, untrained φ (rule.init_phi({optimizer.phi_seed!r})) and zero state. φ travels with the "
+                "optimizer's variables: restore the model with keras.models.load_model('….keras') or a checkpoint, "
+                "or set trained weights with set_phi (see also LearnedOptimizer.from_pretrained / from_file).",
+                UserWarning, stacklevel=2)
+        return optimizer
+
+
+# `keras.optimizers.get("LearnedOptimizer")` (and `compile(optimizer="LearnedOptimizer")`), like "adam": Keras looks
+# string identifiers up among the custom objects, where the decorator put only "l2l_tf>LearnedOptimizer".
+# `keras.saving.get_custom_objects()` is Keras' documented way to add a name; serialization is unaffected (it
+# writes the registered name).
+keras.saving.get_custom_objects().setdefault("LearnedOptimizer", LearnedOptimizer)
+
+
+def _all_finite(grads):
+    """A scalar bool tensor: every floating gradient (the values of an IndexedSlices) is finite; None is skipped
+    and other dtypes are left to the step's own check."""
+    checks = []
+    for grad in grads:
+        if grad is None:
+            continue
+        values = grad.values if isinstance(grad, tf.IndexedSlices) else tf.convert_to_tensor(grad)
+        if values.dtype.is_floating:
+            checks.append(tf.reduce_all(tf.math.is_finite(values)))
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+def _dense(gradient, variable):
+    """A gradient as a dense tensor of the variable's static shape (an IndexedSlices' dense_shape may be a captured,
+    unknown value, e.g. inside the tf.cond of `apply`)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.reshape(tf.convert_to_tensor(gradient), tuple(variable.shape))
+    return tf.convert_to_tensor(gradient)
+
+
+def _keras_file_loading():
+    """True when called while Keras loads a saved model (which restores the optimizer's variables after its
+    `from_config`): a `load…` function of Keras' saving modules is on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__") in _KERAS_LOADING_MODULES and "load" in frame.f_code.co_name:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _leaves(nest):

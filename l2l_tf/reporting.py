@@ -1,5 +1,6 @@
-"""Outputs shared by the experiment binaries: results.json, the paper-style figure, TensorBoard curves, and how
-figures name and colour things.
+"""Outputs shared by the experiment binaries: results.json, the paper-style figure (mean curves with the 25–75%
+band over test problems), TensorBoard (curves, the run's flags, the tuning scores, the figure), and how figures name
+and colour things.
 
 Colours and labels are derived for any optimizer name: the paper's optimizers keep fixed ones (`COLORS`, `LABELS`;
 the LSTM red in every figure), any other name ("lstm_single", "lstm_sub", ...) gets a deterministic colour of a
@@ -9,6 +10,7 @@ Titles: `setting_title` (the MNIST settings' titles are `SETTING_TITLES["mnist"]
 """
 import functools
 import json
+import math
 import re
 import zlib
 
@@ -133,9 +135,17 @@ def public(results):
     return {k: v for k, v in results.items() if not k.startswith("_")}
 
 
+def tuning_table(results):
+    """The results.json "tuning" entry of `evaluation.compare`'s results: {baseline: [[learning rate, mean
+    validation final loss (null: diverged)], ...]} in grid order."""
+    return {name: [[float(lr), float(score) if math.isfinite(score) else None] for lr, score in scores.items()]
+            for name, scores in results.get("_tuning", {}).items()}
+
+
 def plot_curves(path, panels, ylabel="loss"):
     """Writes a PNG with one log-scale panel per (title, {optimizer: summary}) in `panels`; an optimizer has the
-    same colour in every panel."""
+    same colour in every panel. Each mean curve is drawn over the band between its summary's 25% and 75% quantiles
+    over the test problems ("q25", "q75"), where the summary has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,8 +159,11 @@ def plot_curves(path, panels, ylabel="loss"):
             text = label(name)
             if summary.get("learning_rate") is not None:
                 text += f" (lr {summary['learning_rate']:.3g})"
-            ax.plot(np.arange(len(curve)), curve, color=line_colors[name], label=text,
-                    linewidth=2.0 if is_learned(name) else 1.2)
+            steps = np.arange(len(curve))
+            ax.plot(steps, curve, color=line_colors[name], label=text, linewidth=2.0 if is_learned(name) else 1.2)
+            if summary.get("q25") is not None and summary.get("q75") is not None:
+                ax.fill_between(steps, np.asarray(summary["q25"]), np.asarray(summary["q75"]),
+                                color=line_colors[name], alpha=0.2, linewidth=0)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -170,4 +183,47 @@ def log_curves(writer, results, prefix=""):
         for name, summary in public(results).items():
             for step, value in enumerate(summary["mean_loss"]):
                 tf.summary.scalar(f"{prefix}{name}/loss", value, step=step)
+    writer.flush()
+
+
+def _markdown_cell(value):
+    return str(value).replace("|", "\\|")
+
+
+def log_flags(writer, values, step=0):
+    """TensorBoard text "flags": the run's flag values ({name: value}) as a markdown table."""
+    import tensorflow as tf
+
+    rows = [f"| {_markdown_cell(name)} | `{_markdown_cell(json.dumps(value))}` |" for name, value in values.items()]
+    with writer.as_default():
+        tf.summary.text("flags", "\n".join(["| flag | value |", "|---|---|", *rows]), step=step)
+    writer.flush()
+
+
+def log_tuning(writer, results, prefix="", step=0):
+    """TensorBoard, per baseline of `evaluation.compare`'s results: the text table `{prefix}tuning/{name}` of the
+    mean validation final loss at each learning rate (the chosen one in bold) and the scalar
+    `{prefix}tuned_learning_rate/{name}`."""
+    import tensorflow as tf
+
+    with writer.as_default():
+        for name, scores in results.get("_tuning", {}).items():
+            chosen = results[name]["learning_rate"] if name in results else None
+            rows = [f"| **{lr:g}** | **{score:.6g}** |" if lr == chosen else f"| {lr:g} | {score:.6g} |"
+                    for lr, score in scores.items()]
+            tf.summary.text(f"{prefix}tuning/{name}",
+                            "\n".join(["| learning rate | validation final loss |", "|---|---|", *rows]), step=step)
+            if chosen is not None:
+                tf.summary.scalar(f"{prefix}tuned_learning_rate/{name}", chosen, step=step)
+    writer.flush()
+
+
+def log_figure(writer, path, name="figure", step=0):
+    """TensorBoard image `name`: the PNG figure at `path` (what `plot_curves` wrote)."""
+    import tensorflow as tf
+
+    with open(path, "rb") as f:
+        image = tf.image.decode_png(f.read(), channels=4)
+    with writer.as_default():
+        tf.summary.image(name, image[tf.newaxis], step=step)
     writer.flush()

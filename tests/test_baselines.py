@@ -63,3 +63,36 @@ def test_tuning_picks_the_best_rate_and_rejects_divergence():
     assert best == 0.1 and scores[0.1] < scores[1e-3]
     with pytest.raises(RuntimeError, match="diverged"):
         evaluation.tune_learning_rate(evaluator, baselines.sgd(), seeds, grid=(1e4,))
+
+
+def test_summarize_records_the_quartiles_over_problems():
+    losses = np.random.default_rng(0).lognormal(size=(7, 12))
+    summary = evaluation.summarize(losses, learning_rate=0.1)
+    assert set(summary) == {"learning_rate", "mean_loss", "final_loss_mean", "final_loss_std", "q25", "q75"}
+    np.testing.assert_array_equal(summary["q25"], np.quantile(losses, 0.25, axis=0))
+    np.testing.assert_array_equal(summary["q75"], np.quantile(losses, 0.75, axis=0))
+    np.testing.assert_array_equal(summary["mean_loss"], np.mean(losses, axis=0))
+    assert all(lo <= hi for lo, hi in zip(summary["q25"], summary["q75"]))
+    assert all(isinstance(x, float) for x in summary["q25"] + summary["q75"])   # JSON-able
+
+
+def test_compare_returns_the_tuning_scores():
+    family = QuadraticFamily(batch_size=4, num_dims=3)
+    evaluator = evaluation.Evaluator(family, num_steps=5)
+    from l2l_tf.rules import LSTMUpdateRule
+
+    rule = LSTMUpdateRule(preprocess="none", output_scale=1.0)
+    logged = []
+    results = evaluation.compare(evaluator, baselines.learned(rule, implementation="reference"), rule.init_phi(0),
+                                 seeds_for("validation", 1), seeds_for("test", 2), baselines=("sgd", "adam"),
+                                 grid=(1e-3, 1e-1), log=logged.append)
+    assert set(results) == {"lstm", "sgd", "adam", "_raw", "_tuning"}
+    assert set(results["_tuning"]) == {"sgd", "adam"}
+    for name in ("sgd", "adam"):
+        scores = results["_tuning"][name]
+        assert list(scores) == [1e-3, 1e-1]
+        assert results[name]["learning_rate"] == min(scores, key=scores.get)
+        _, expected = evaluation.tune_learning_rate(evaluator, baselines.BASELINES[name](), seeds_for("validation", 1),
+                                                    (1e-3, 1e-1))
+        assert scores == expected
+    assert len(logged) == 2 and "tuned learning rate" in logged[0]

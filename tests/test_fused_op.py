@@ -355,3 +355,211 @@ def test_flat_phi_is_the_layout_of_the_kernels_and_differentiable():
     bad = dict(phi_tree, out={"w": phi_tree["out"]["w"][:-1], "b": phi_tree["out"]["b"]})
     with pytest.raises(ValueError, match="out/w"):
         ops.lstm_step(bad, grad, state, 0.1, cfg, implementation="fused")
+
+
+# ---- non-finite gradients: ±inf act as ±FLT_MAX (sign kept), NaN propagates; fused, reference and reference under XLA
+
+FLT_MAX = float(np.finfo(np.float32).max)
+INF_PAIRS = ((0, 2), (1, 3), (280, 282), (281, 283))  # (±inf, ±FLT_MAX) coordinates with equal states
+MODE_CONFIGS = [StepConfig(7, 5, "none"), StepConfig(7, 5, "paper"), StepConfig(7, 5, "clamped", 3.0)]
+
+
+def _infinite_inputs(rng, cfg, n=300, nan_at=None):
+    """φ, grad and state with +inf, -inf, +FLT_MAX, -FLT_MAX at coordinates 0..3 (a whole 256-chunk of the CPU kernel)
+    and 280..283 (the partial last one); each ±inf coordinate has the state of its ±FLT_MAX partner."""
+    phi, grad, state = _inputs(rng, cfg, n)
+    g, st = grad.numpy(), state.numpy()
+    for base in (0, 280):
+        g[base:base + 4] = [np.inf, -np.inf, FLT_MAX, -FLT_MAX]
+    for a, b in INF_PAIRS:
+        st[:, a] = st[:, b]
+    if nan_at is not None:
+        g[nan_at] = np.nan
+    return phi, tf.constant(g), tf.constant(st)
+
+
+def _run_step(implementation, phi, grad, state, scale, cfg):
+    """(update, new_state) through the public switch; "xla": the reference compiled with jit_compile=True."""
+    if implementation == "xla":
+        step = tf.function(lambda p, g, s: ops.lstm_step(tree(p, cfg), g, s, scale, cfg, implementation="auto"),
+                           jit_compile=True)
+        return step(phi, grad, state)
+    if implementation == "fused":
+        _need_op()
+    return ops.lstm_step(tree(phi, cfg), grad, state, scale, cfg, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla", "fused"])
+@pytest.mark.parametrize("cfg", MODE_CONFIGS, ids=lambda c: c.preprocess)
+def test_infinite_gradients_act_as_the_largest_finite_gradient(cfg, implementation):
+    rng = np.random.default_rng([11, len(cfg.preprocess)])
+    phi, grad, state = _infinite_inputs(rng, cfg, nan_at=[10, 290])
+    u, s = (x.numpy() for x in _run_step(implementation, phi, grad, state, 0.1, cfg))
+    for a, b in INF_PAIRS:
+        assert u[a] == u[b], (a, u[a], u[b])
+        np.testing.assert_array_equal(s[:, a], s[:, b])
+    assert u[0] != u[1]  # the sign of the infinity is kept
+    nan = [10, 290]
+    assert np.isnan(u[nan]).all() and np.isnan(s[:, nan]).all()  # NaN propagates (documented)
+    assert np.isfinite(np.delete(u, nan)).all() and np.isfinite(np.delete(s, nan, axis=1)).all()
+    if implementation != "reference":
+        ru, rs = _run_step("reference", phi, grad, state, 0.1, cfg)
+        np.testing.assert_allclose(u, ru.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s, rs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "fused"])
+@pytest.mark.parametrize("cfg", MODE_CONFIGS, ids=lambda c: c.preprocess)
+def test_gradient_at_infinite_gradients(cfg, implementation):
+    # d_grad at ±inf is 0 (the clamp to ±FLT_MAX is flat beyond ±FLT_MAX); d_state at ±inf equals d_state at
+    # ±FLT_MAX; every gradient finite; fused equals the reference.
+    rng = np.random.default_rng([12, len(cfg.preprocess)])
+    phi, grad, state = _infinite_inputs(rng, cfg)
+    n = grad.shape[0]
+    w_u = rng.standard_normal(n).astype(np.float32)
+    w_s = rng.standard_normal((cfg.state_rows, n)).astype(np.float32)
+    for a, b in INF_PAIRS:
+        w_u[a] = w_u[b]
+        w_s[:, a] = w_s[:, b]
+
+    def gradients(impl, g=grad):
+        if impl == "fused":
+            _need_op()
+        with tf.GradientTape() as tape:
+            tape.watch([phi, g, state])
+            u, s = ops.lstm_step(tree(phi, cfg), g, state, 0.3, cfg, implementation=impl)
+            loss = tf.reduce_sum(u * w_u) + tf.reduce_sum(s * w_s)
+        return [x.numpy() for x in tape.gradient(loss, [phi, g, state])]
+
+    d_phi, d_grad, d_state = gradients(implementation)
+    for x in (d_phi, d_grad, d_state):
+        assert np.isfinite(x).all()
+    infinite = [a for a, _ in INF_PAIRS]
+    np.testing.assert_array_equal(d_grad[infinite], 0.0)
+    for a, b in INF_PAIRS:
+        np.testing.assert_array_equal(d_state[:, a], d_state[:, b])
+    # The same gradients as with ±FLT_MAX in place of ±inf (d_grad apart from the infinite coordinates).
+    c_phi, c_grad, c_state = gradients(implementation, tf.constant(np.clip(grad.numpy(), -FLT_MAX, FLT_MAX)))
+    np.testing.assert_allclose(d_phi, c_phi, rtol=1e-6, atol=1e-6 * np.abs(c_phi).max())
+    np.testing.assert_array_equal(d_state, c_state)
+    np.testing.assert_array_equal(np.delete(d_grad, infinite), np.delete(c_grad, infinite))
+    if implementation == "fused":
+        reference_grads = gradients("reference")
+        if cfg.preprocess == "none":
+            # The raw gradient ±FLT_MAX enters the gates: d lstm1/w[:, 0] sums dz * FLT_MAX, where dz is exactly 0 in
+            # TF (its sigmoid reaches 0) but ~1e-35 in the CPU kernel (its exp argument is capped, so its sigmoid stops
+            # at ~2e-35): finite either way, not comparable (ill-conditioned for any |g| near FLT_MAX, as in
+            # tools/gpu_check.py). Every other entry is compared.
+            column = np.arange(0, 4 * cfg.hidden1 * (1 + cfg.hidden1), 1 + cfg.hidden1)
+            d_phi, reference_grads[0] = np.delete(d_phi, column), np.delete(reference_grads[0], column)
+        for x, y in zip((d_phi, d_grad, d_state), reference_grads):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(y).max()))
+
+
+# ---- one validation for both implementations: the same exception type and message
+
+def _bad_inputs():
+    """name -> (changes to the good arguments, exception type, message pattern)."""
+    cfg = StepConfig(7, 5, "paper")
+    rng = np.random.default_rng(13)
+    phi, grad, state = _inputs(rng, cfg, 20)
+    good = dict(phi=tree(phi, cfg), grad=grad, state=state, scale=0.1)
+    bad_leaf = dict(good["phi"], out={"w": good["phi"]["out"]["w"][:-1], "b": good["phi"]["out"]["b"]})
+    f64_leaf = dict(good["phi"], lstm1={"w": tf.cast(good["phi"]["lstm1"]["w"], tf.float64),
+                                        "b": good["phi"]["lstm1"]["b"]})
+    cases = {
+        "grad float64": (dict(grad=tf.cast(grad, tf.float64)), TypeError, "grad must be float32, got float64"),
+        "grad numpy float64": (dict(grad=grad.numpy().astype(np.float64)), TypeError,
+                               "grad must be float32, got float64"),
+        "grad int32": (dict(grad=tf.cast(grad, tf.int32)), TypeError, "grad must be float32, got int32"),
+        "state float64": (dict(state=tf.cast(state, tf.float64)), TypeError, "state must be float32, got float64"),
+        "state float16": (dict(state=state.numpy().astype(np.float16)), TypeError,
+                          "state must be float32, got float16"),
+        "grad rank 2": (dict(grad=grad[None]), ValueError, "grad must have rank 1"),
+        "grad rank 0": (dict(grad=grad[0]), ValueError, "grad must have rank 1"),
+        "state rank 1": (dict(state=state[0]), ValueError, "state must have rank 2"),
+        "state rows": (dict(state=state[:-1]), ValueError, r"state must have 24 rows"),
+        "N mismatch": (dict(grad=grad[:-1]), ValueError, "disagree on N"),
+        "scale inf": (dict(scale=float("inf")), ValueError, "scale must be finite, got inf"),
+        "scale nan": (dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),
+        "scale numpy -inf": (dict(scale=np.float32(-np.inf)), ValueError, "scale must be finite, got -inf"),
+        "scale tensor inf": (dict(scale=tf.constant(np.inf, tf.float32)), ValueError, "scale must be finite"),
+        "scale float64 tensor": (dict(scale=tf.constant(0.1, tf.float64)), TypeError,
+                                 "scale must be float32, got float64"),
+        "scale vector": (dict(scale=tf.constant([0.1])), ValueError, "scale must have rank 0"),
+        "phi leaf shape": (dict(phi=bad_leaf), ValueError, "phi leaf out/w must have shape"),
+        "phi leaf float64": (dict(phi=f64_leaf), TypeError, "phi leaf lstm1/w must be float32, got float64"),
+    }
+    return cfg, good, cases
+
+
+BAD_INPUT_NAMES = list(_bad_inputs()[2])
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
+@pytest.mark.parametrize("name", BAD_INPUT_NAMES)
+def test_bad_inputs_same_error_for_both_implementations(name, graph):
+    cfg, good, cases = _bad_inputs()
+    changes, error, pattern = cases[name]
+    args = dict(good, **changes)
+
+    def call(impl):
+        def step():
+            return ops.lstm_step(args["phi"], args["grad"], args["state"], args["scale"], cfg, implementation=impl)
+        return tf.function(step, autograph=False)() if graph else step()  # (autograph would add its traceback)
+
+    with pytest.raises(error, match=pattern) as reference_error:
+        call("reference")
+    if not fused.available():
+        pytest.skip(f"fused op not built: {fused.load_error()} (the reference raised as expected)")
+    with pytest.raises(error) as fused_error:
+        call("fused")
+    assert type(fused_error.value) is type(reference_error.value)
+    assert str(fused_error.value) == str(reference_error.value)
+
+
+def test_validate_step_inputs_is_the_shared_check():
+    cfg, good, cases = _bad_inputs()
+    grad, state, scale = ops.validate_step_inputs(good["grad"], good["state"], good["scale"], cfg)
+    assert grad.dtype == tf.float32 and state.dtype == tf.float32 and scale.dtype == tf.float32
+    changes, error, pattern = cases["grad float64"]
+    with pytest.raises(error, match=pattern):
+        ops.validate_step_inputs(changes["grad"], good["state"], good["scale"], cfg)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "fused"])
+def test_unknown_shapes_and_symbolic_scale(implementation):
+    # Static checks only where shapes are known: unknown N, unknown rows and a symbolic scale still run; a non-finite
+    # symbolic scale is an InvalidArgumentError at run time with the same message for both implementations.
+    if implementation == "fused":
+        _need_op()
+    cfg, good, _ = _bad_inputs()
+    f = tf.function(lambda g, s, sc: ops.lstm_step(good["phi"], g, s, sc, cfg, implementation=implementation),
+                    input_signature=[tf.TensorSpec([None], tf.float32), tf.TensorSpec([None, None], tf.float32),
+                                     tf.TensorSpec([], tf.float32)])
+    u, s = f(good["grad"], good["state"], tf.constant(0.1))
+    ru, rs = ops.lstm_step(good["phi"], good["grad"], good["state"], 0.1, cfg, implementation="reference")
+    np.testing.assert_allclose(u.numpy(), ru.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.numpy(), rs.numpy(), rtol=1e-5, atol=1e-6)
+    for bad in (np.inf, np.nan):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="lstm_step: scale must be finite"):
+            f(good["grad"], good["state"], tf.constant(bad, tf.float32))
+    # Unknown rank too.
+    g = tf.function(lambda g, s: ops.lstm_step(good["phi"], g, s, 0.1, cfg, implementation=implementation),
+                    input_signature=[tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.float32)])
+    u2, _ = g(good["grad"], good["state"])
+    np.testing.assert_allclose(u2.numpy(), ru.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_param_range_checked_for_both_implementations():
+    # Checked where StepConfig is built (so rules get it too), and again by the op's attrs.
+    for mode in ("paper", "clamped"):
+        for bad in (100.0, 1e-4):
+            with pytest.raises(ValueError, match=r"preprocess_param must be in \[0.001, 80\]"):
+                StepConfig(7, 5, mode, bad)
+    module = _need_op()
+    cfg = StepConfig(7, 5, "paper")
+    phi, grad, state = _inputs(np.random.default_rng(14), cfg, 20)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"preprocess_param must be in \[0.001, 80\]"):
+        module.l2l_lstm_step(phi, grad, state, tf.constant(1.0), hidden1=7, hidden2=5, preprocess="paper",
+                             preprocess_param=100.0)

@@ -21,6 +21,10 @@ SHIPPED_DIR = ko.PRETRAINED_DIR  # captured before any monkeypatching
 QUADRATIC = SHIPPED_DIR / "quadratic.npz"
 needs_quadratic = pytest.mark.skipif(not QUADRATIC.exists(),
                                      reason=f"the pretrained quadratic φ is not shipped yet ({QUADRATIC})")
+# For tests that mean an untrained φ (phi=None) or a config without φ: the UserWarnings those give are tested below.
+untrained_phi_is_meant = pytest.mark.filterwarnings("ignore:LearnedOptimizer. φ is untrained:UserWarning")
+fresh_phi_is_meant = pytest.mark.filterwarnings(
+    "ignore:LearnedOptimizer.from_config. φ is not part of the config:UserWarning")
 
 
 def small_rule(**changes):
@@ -448,8 +452,8 @@ def test_keras_save_load_restores_phi_and_state_and_continues_identically(tmp_pa
 
     assert isinstance(loaded.optimizer, LearnedOptimizer)
     assert loaded.optimizer.rule == model.optimizer.rule
-    # iterations, learning_rate, the 6 φ leaves, one LSTM state slot per variable
-    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) == 8 + len(model.trainable_variables)
+    # iterations, learning_rate, skipped_steps, the 6 φ leaves, one LSTM state slot per variable
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) == 9 + len(model.trainable_variables)
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         assert a.shape == b.shape
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -481,6 +485,7 @@ def test_save_before_training_keeps_phi(tmp_path):
     np.testing.assert_array_equal(flat(small_rule(), loaded.optimizer.phi), phi)
 
 
+@untrained_phi_is_meant
 def test_state_saved_built_restores_into_an_unbuilt_optimizer():
     """load_own_variables before build (a model built only later): φ at once, the state slots at build."""
     phi = random_phi(small_rule(), 18)
@@ -500,6 +505,7 @@ def test_state_saved_built_restores_into_an_unbuilt_optimizer():
     assert np.abs(fresh.state_slot(w2).numpy()).max() > 0
 
 
+@untrained_phi_is_meant
 def test_tf_train_checkpoint_round_trip(tmp_path):
     phi = random_phi(small_rule(), 19)
     x, y = regression_data(16)
@@ -516,6 +522,7 @@ def test_tf_train_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@untrained_phi_is_meant
 def test_get_config_from_config_round_trip():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.5, decay_steps=10, decay_rate=0.9)
     opt = LearnedOptimizer(hidden1=5, hidden2=6, preprocess="paper", preprocess_param=7.0, output_scale=0.01,
@@ -527,14 +534,16 @@ def test_get_config_from_config_round_trip():
                                             "output_scale": 0.01}},
         "state_dtype": "bfloat16", "implementation": "reference", "phi_seed": 3, "clipnorm": 2.0, "name": "lopt"}
     assert "phi" not in config
-    clone = LearnedOptimizer.from_config(json.loads(json.dumps(config)))  # JSON-able, and a copy
+    with pytest.warns(UserWarning, match="φ is not part of the config"):
+        clone = LearnedOptimizer.from_config(json.loads(json.dumps(config)))  # JSON-able, and a copy
     assert clone.get_config() == config
     assert clone.rule == opt.rule
     np.testing.assert_array_equal(flat(opt.rule, clone.phi), flat(opt.rule, opt.phi))  # same phi_seed: same φ
 
     serialized = keras.optimizers.serialize(opt)
     assert serialized["registered_name"] == "l2l_tf>LearnedOptimizer"
-    restored = keras.optimizers.deserialize(json.loads(json.dumps(serialized)))
+    with pytest.warns(UserWarning, match="φ is not part of the config"):
+        restored = keras.optimizers.deserialize(json.loads(json.dumps(serialized)))
     assert isinstance(restored, LearnedOptimizer) and restored.get_config() == config
 
 
@@ -639,6 +648,7 @@ def test_fused_without_the_op_library_is_a_clear_error():
         LearnedOptimizer(implementation="fused")
 
 
+@untrained_phi_is_meant
 @pytest.mark.parametrize("variable", [
     lambda: tf.Variable([1, 2], dtype=tf.int32, name="counts"),
     lambda: tf.Variable([1 + 2j], dtype=tf.complex64, name="phases"),
@@ -649,6 +659,7 @@ def test_non_floating_variables_are_rejected(variable):
         opt.build([variable()])
 
 
+@untrained_phi_is_meant
 def test_non_floating_gradient_is_rejected():
     opt = LearnedOptimizer(**SMALL)
     w = keras.Variable(np.zeros(2, np.float32))
@@ -761,6 +772,8 @@ def test_a_file_saved_with_fused_loads_as_auto_where_the_op_is_missing(monkeypat
         np.testing.assert_allclose(w, expected[f"weight{i}"], rtol=1e-4, atol=1e-6)
 
 
+@untrained_phi_is_meant
+@fresh_phi_is_meant
 def test_implementation_is_the_optimizers_not_the_rules():
     opt = LearnedOptimizer(implementation="reference", **SMALL)
     config = opt.get_config()
@@ -769,6 +782,7 @@ def test_implementation_is_the_optimizers_not_the_rules():
     assert LearnedOptimizer.from_config({**config, "implementation": "auto"}).rule == opt.rule
 
 
+@untrained_phi_is_meant
 def test_rule_argument_and_lstm_arguments():
     rule = small_rule()
     assert LearnedOptimizer(rule=rule).rule == rule
@@ -806,3 +820,307 @@ def test_a_rule_with_shared_state_steps_all_variables_at_once():
     ids = np.random.default_rng(0).integers(0, 10, (16, 2))
     model.fit(ids, np.ones((16, 1), np.float32), batch_size=8, epochs=1, verbose=0)
     assert float(model.optimizer.shared_state["t"].numpy()) == 2.0
+
+
+# ---------------------------------------------------------------- non-finite gradients: the step is skipped
+
+NONFINITE_KWARGS = [
+    dict(),
+    dict(clipnorm=1.0, weight_decay=0.1, use_ema=True, learning_rate=0.5),
+    dict(global_clipnorm=1.0, use_ema=True, ema_overwrite_frequency=1),
+    dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(1.0, decay_steps=1, decay_rate=0.5)),
+]
+
+
+def _skip_case(kwargs, rule=None, phi_seed=20):
+    rule = rule or small_rule()
+    phi = random_phi(rule, phi_seed) if isinstance(rule, LSTMUpdateRule) else rule.init_phi(phi_seed)
+    variables = [keras.Variable(np.full((2, 3), 0.5, np.float32)), keras.Variable(np.array([1.0, -1.0], np.float32))]
+    optimizer = LearnedOptimizer(phi=phi, rule=rule, **kwargs)
+    return optimizer, variables
+
+
+def _values_but_skipped(optimizer):
+    return [v.numpy() for v in optimizer.variables if v is not optimizer.skipped_steps]
+
+
+@pytest.mark.parametrize("kwargs", NONFINITE_KWARGS, ids=["plain", "clipnorm_wd_ema", "global_clip_ema_overwrite",
+                                                          "schedule"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nonfinite_gradient_skips_the_whole_step(kwargs, bad):
+    """One NaN/Inf anywhere: no variable, no state slot, no EMA and no step counter changes; `skipped_steps` counts
+    it; the next steps are exactly those of an optimizer that never saw the bad step."""
+    rng = np.random.default_rng(3)
+    good = [[tf.constant(rng.standard_normal(s).astype(np.float32)) for s in ((2, 3), (2,))] for _ in range(2)]
+    poisoned = [good[0][0], tf.tensor_scatter_nd_update(good[0][1], [[1]], [bad])]  # one coordinate of one tensor
+
+    optimizer, variables = _skip_case(kwargs)
+    reference, reference_variables = _skip_case(kwargs)
+    optimizer.apply(good[0], variables)
+    reference.apply(good[0], reference_variables)
+    before = [v.numpy() for v in variables] + optimizer_values(optimizer)
+    optimizer.apply(poisoned, variables)
+    after = [v.numpy() for v in variables] + optimizer_values(optimizer)
+    for a, b in zip(before, after):
+        if b.shape == () and b.dtype.kind == "i" and a == b - 1:
+            continue  # the skipped_steps counter
+        np.testing.assert_array_equal(a, b)
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    assert int(optimizer.iterations.numpy()) == 1
+    assert all(np.isfinite(v.numpy()).all() for v in variables + optimizer.variables)
+
+    optimizer.apply(good[1], variables)
+    reference.apply(good[1], reference_variables)
+    for a, b in zip(variables, reference_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(_values_but_skipped(optimizer), _values_but_skipped(reference)):
+        np.testing.assert_array_equal(a, b)
+    assert int(optimizer.iterations.numpy()) == 2 and int(reference.skipped_steps.numpy()) == 0
+
+
+def test_nonfinite_sparse_and_shared_state_steps_are_skipped():
+    """Sparse gradients (values checked) and a rule with shared state: nothing moves."""
+    table = keras.Variable(np.zeros((6, 2), np.float32))
+    optimizer = LearnedOptimizer(phi=random_phi(small_rule(), 21), **SMALL)
+    optimizer.build([table])
+    apply = tf.function(lambda g: optimizer.apply([g], [table]))
+    apply(tf.IndexedSlices(tf.constant([[0.1, 0.2]]), tf.constant([1]), tf.constant([6, 2])))
+    before = [table.numpy()] + optimizer_values(optimizer)
+    apply(tf.IndexedSlices(tf.constant([[np.nan, 0.2]]), tf.constant([3]), tf.constant([6, 2])))
+    for a, b in zip(before, [table.numpy()] + optimizer_values(optimizer)):
+        if a.shape == () and a.dtype.kind == "i" and b == a + 1:
+            continue
+        np.testing.assert_array_equal(a, b)
+    assert int(optimizer.skipped_steps.numpy()) == 1 and int(optimizer.iterations.numpy()) == 1
+
+    shared, variables = _skip_case({}, rule=NormalizedMomentum())
+    shared.apply([tf.ones((2, 3)), tf.ones(2)], variables)
+    before = [v.numpy() for v in variables] + _values_but_skipped(shared)
+    shared.apply([tf.ones((2, 3)), tf.constant([np.inf, 1.0])], variables)
+    for a, b in zip(before, [v.numpy() for v in variables] + _values_but_skipped(shared)):
+        np.testing.assert_array_equal(a, b)
+    assert float(shared.shared_state["t"].numpy()) == 1.0 and int(shared.skipped_steps.numpy()) == 1
+
+
+def _batches_with_a_nan_batch():
+    x, y = regression_data(32)
+    bad = x.copy()
+    bad[8:16] = np.nan  # the second batch of 8
+    clean = np.concatenate([x[:8], x[16:]]), np.concatenate([y[:8], y[16:]])
+    return (bad, y), clean
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_a_nan_batch_equals_fit_without_it(jit_compile):
+    """The issue's scenario: one batch of NaN inputs. The weights and every state slot stay finite, and training
+    continues exactly as if the batch had not been there (the step counter did not advance either)."""
+    (bad_x, bad_y), (clean_x, clean_y) = _batches_with_a_nan_batch()
+    phi = random_phi(small_rule(), 22)
+    runs = []
+    for x, y in ((bad_x, bad_y), (clean_x, clean_y)):
+        model = dense_model()
+        model.compile(optimizer=LearnedOptimizer(phi=phi, **SMALL), loss="mse", jit_compile=jit_compile)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        runs.append(model)
+    poisoned, clean = runs
+    assert int(poisoned.optimizer.skipped_steps.numpy()) == 2  # once per epoch
+    assert int(clean.optimizer.skipped_steps.numpy()) == 0
+    assert int(poisoned.optimizer.iterations.numpy()) == int(clean.optimizer.iterations.numpy()) == 6
+    for a, b in zip(poisoned.get_weights(), clean.get_weights()):
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for v, w in zip(poisoned.trainable_variables, clean.trainable_variables):
+        slot = poisoned.optimizer.state_slot(v).numpy()
+        assert np.isfinite(slot).all() and np.abs(slot).max() > 0
+        np.testing.assert_allclose(slot, clean.optimizer.state_slot(w).numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_accumulation_drops_a_nonfinite_micro_batch():
+    """With gradient_accumulation_steps=N a micro-batch with a NaN is dropped whole: the accumulators stay clean and
+    it does not count toward the N, so the accumulated step averages N finite micro-batches."""
+    rng = np.random.default_rng(4)
+    good = [[tf.constant(rng.standard_normal(s).astype(np.float32)) for s in ((2, 3), (2,))] for _ in range(4)]
+    nan = [good[0][0], tf.constant([np.nan, 0.0])]
+    optimizer, variables = _skip_case(dict(gradient_accumulation_steps=2, use_ema=True))
+    reference, reference_variables = _skip_case(dict(gradient_accumulation_steps=2, use_ema=True))
+    for g in (good[0], nan, good[1], nan, nan, good[2], good[3]):
+        optimizer.apply(g, variables)
+    for g in good:
+        reference.apply(g, reference_variables)
+    assert int(optimizer.skipped_steps.numpy()) == 3
+    assert int(optimizer.iterations.numpy()) == 2  # two accumulated steps
+    for a, b in zip(variables, reference_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(_values_but_skipped(optimizer), _values_but_skipped(reference)):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+
+
+@untrained_phi_is_meant
+@fresh_phi_is_meant
+def test_skip_nonfinite_false_applies_the_step_as_before():
+    optimizer, variables = _skip_case(dict(skip_nonfinite=False))
+    optimizer.apply([tf.ones((2, 3)), tf.constant([np.nan, 0.0])], variables)
+    assert int(optimizer.iterations.numpy()) == 1 and int(optimizer.skipped_steps.numpy()) == 0
+    assert np.isnan(variables[1].numpy()[0]) and np.isnan(optimizer.state_slot(variables[1]).numpy()).any()
+    config = optimizer.get_config()
+    assert config["skip_nonfinite"] is False
+    assert LearnedOptimizer.from_config(config).skip_nonfinite is False
+    assert LearnedOptimizer(**SMALL).get_config()["skip_nonfinite"] is True
+
+
+def test_loss_scale_optimizer_skips_first_and_the_inner_does_not_count():
+    """mixed_float16: LossScaleOptimizer skips a non-finite step itself (and halves its scale); the inner
+    LearnedOptimizer only ever sees finite gradients, so it neither counts the step nor changes anything."""
+    (bad_x, bad_y), _ = _batches_with_a_nan_batch()
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = dense_model()
+        model.compile(optimizer=LearnedOptimizer(phi=random_phi(small_rule(), 23), **SMALL), loss="mse")
+        outer = model.optimizer
+        assert isinstance(outer, keras.optimizers.LossScaleOptimizer)
+        model.fit(bad_x, bad_y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    inner = outer.inner_optimizer
+    outer_skips = round(np.log2(outer.initial_scale / float(outer.dynamic_scale.numpy())))
+    assert outer_skips >= 1
+    assert int(inner.skipped_steps.numpy()) == 0
+    assert int(inner.iterations.numpy()) + outer_skips == 4
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert all(np.isfinite(inner.state_slot(v).numpy()).all() for v in model.trainable_variables)
+
+
+def test_skipped_steps_is_saved_and_files_of_the_previous_layout_load(tmp_path):
+    """skipped_steps travels in .keras files; a store written before it existed (no such variable: everything after
+    the learning rate one position earlier) still loads, built or not, with the counter at zero."""
+    (bad_x, bad_y), _ = _batches_with_a_nan_batch()
+    model = dense_model()
+    model.compile(optimizer=LearnedOptimizer(phi=random_phi(small_rule(), 24), **SMALL), loss="mse")
+    model.fit(bad_x, bad_y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "skipped.keras")
+    loaded = keras.models.load_model(tmp_path / "skipped.keras")
+    assert int(loaded.optimizer.skipped_steps.numpy()) == 1
+    for a, b in zip(optimizer_values(model.optimizer), optimizer_values(loaded.optimizer)):
+        np.testing.assert_array_equal(a, b)
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(1.0, decay_steps=1, decay_rate=0.9)
+    for learning_rate, position in ((0.7, 2), (schedule, 1)):  # iteration, [learning_rate], skipped_steps, φ...
+        opt, variables = _skip_case(dict(learning_rate=learning_rate), phi_seed=24)
+        opt.apply([tf.ones((2, 3)), tf.constant([np.nan, 1.0])], variables)
+        opt.apply([tf.ones((2, 3)), tf.constant([0.5, 1.0])], variables)
+        store = {}
+        opt.save_own_variables(store)
+        assert [i for i, v in enumerate(opt.variables) if v is opt.skipped_steps] == [position]
+        old = [store[str(i)] for i in range(len(store)) if i != position]
+        for old_store in ({str(i): value for i, value in enumerate(old)},  # saved built
+                          {str(i): value for i, value in enumerate(old[:opt._num_unbuilt_variables - 1])}):  # unbuilt
+            for build_first in (True, False):
+                fresh, _ = _skip_case(dict(learning_rate=learning_rate), phi_seed=0)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "saved before it was built"
+                    if build_first:
+                        fresh.build(variables)
+                    fresh.load_own_variables(old_store)
+                    if not build_first:
+                        fresh.build(variables)
+                assert int(fresh.skipped_steps.numpy()) == 0
+                restored = _values_but_skipped(fresh)[:len(old_store)]
+                for a, b in zip(_values_but_skipped(opt)[:len(old_store)], restored):
+                    np.testing.assert_array_equal(a, b)
+                if len(old_store) < len(old):  # φ and the counter restored, the state zero
+                    assert all(not np.any(v) for v in _values_but_skipped(fresh)[len(old_store):])
+
+
+# ---------------------------------------------------------------- warnings and registration
+
+UNTRAINED = r"untrained.*from_pretrained.*from_file"
+FRESH = r"φ is not part of the config"
+
+
+def _warnings_of(function):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = function()
+    return result, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_an_untrained_phi_warns():
+    with pytest.warns(UserWarning, match=UNTRAINED):
+        LearnedOptimizer(**SMALL)
+    _, messages = _warnings_of(lambda: LearnedOptimizer(phi=random_phi(small_rule(), 25), **SMALL))
+    assert messages == []
+
+
+@needs_quadratic
+def test_a_pretrained_phi_does_not_warn():
+    _, messages = _warnings_of(lambda: LearnedOptimizer.from_pretrained("quadratic"))
+    assert messages == []
+
+
+def test_from_config_and_deserialize_warn_once_that_phi_is_fresh():
+    opt = LearnedOptimizer(phi=random_phi(small_rule(), 26), **SMALL)
+    for restore in (lambda: LearnedOptimizer.from_config(opt.get_config()),
+                    lambda: keras.optimizers.deserialize(keras.optimizers.serialize(opt))):
+        restored, messages = _warnings_of(restore)
+        assert isinstance(restored, LearnedOptimizer)
+        assert len(messages) == 1, messages  # the fresh-φ warning, not also the untrained one
+        assert "φ is not part of the config" in messages[0] and "load_model" in messages[0]
+
+
+def test_load_model_restores_phi_without_a_fresh_phi_warning(tmp_path):
+    model = dense_model()
+    model.compile(optimizer=LearnedOptimizer(phi=random_phi(small_rule(), 27), **SMALL), loss="mse")
+    x, y = regression_data(8)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded, messages = _warnings_of(lambda: keras.models.load_model(tmp_path / "model.keras"))
+    assert not [m for m in messages if "φ" in m], messages
+    _, messages = _warnings_of(lambda: loaded.fit(x, y, epochs=1, verbose=0))
+    assert not [m for m in messages if "φ" in m], messages
+    np.testing.assert_array_equal(flat(small_rule(), loaded.optimizer.phi), random_phi(small_rule(), 27))
+
+    previous = keras.mixed_precision.global_policy()  # inside a LossScaleOptimizer too
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = dense_model()
+        mixed.compile(optimizer=LearnedOptimizer(phi=random_phi(small_rule(), 27), **SMALL), loss="mse")
+        mixed.fit(x, y, epochs=1, verbose=0)
+        mixed.save(tmp_path / "mixed.keras")
+        loaded, messages = _warnings_of(lambda: keras.models.load_model(tmp_path / "mixed.keras"))
+        _, fit_messages = _warnings_of(lambda: loaded.fit(x, y, epochs=1, verbose=0))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert not [m for m in messages + fit_messages if "φ" in m], messages + fit_messages
+
+
+def test_a_phi_not_restored_during_a_keras_load_warns_at_the_first_step(monkeypatch):
+    """from_config inside a Keras load defers its warning to the φ restore: restored, nothing; not restored (e.g. the
+    file's optimizer variables did not fit), the first step warns."""
+    source = LearnedOptimizer(phi=random_phi(small_rule(), 28), **SMALL)
+    store = {}
+    source.save_own_variables(store)
+    monkeypatch.setattr(ko, "_keras_file_loading", lambda: True)
+    for restore in (True, False):
+        w = keras.Variable(np.zeros(3, np.float32))
+        opt, messages = _warnings_of(lambda: LearnedOptimizer.from_config(source.get_config()))
+        assert messages == []
+        if restore:
+            opt.load_own_variables(store)
+        _, messages = _warnings_of(lambda: opt.apply([tf.ones(3)], [w]))
+        assert [m for m in messages if "φ was not restored" in m] == ([] if restore else [messages[0]]), messages
+        _, messages = _warnings_of(lambda: opt.apply([tf.ones(3)], [w]))
+        assert messages == []  # once
+
+
+@pytest.mark.parametrize("identifier", ["LearnedOptimizer", "l2l_tf>LearnedOptimizer"])
+def test_keras_optimizers_get_by_name(identifier):
+    with pytest.warns(UserWarning, match=FRESH):
+        opt = keras.optimizers.get(identifier)
+    assert isinstance(opt, LearnedOptimizer) and opt.skip_nonfinite
+    assert keras.optimizers.serialize(opt)["registered_name"] == "l2l_tf>LearnedOptimizer"
+    model = dense_model()
+    with pytest.warns(UserWarning, match=FRESH):
+        model.compile(optimizer=identifier, loss="mse")
+    assert isinstance(model.optimizer, LearnedOptimizer)

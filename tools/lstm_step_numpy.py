@@ -13,6 +13,7 @@ import numpy as np
 
 PREPROCESS = {"none": 0, "paper": 1, "clamped": 2}
 FLT_EPSILON = float(np.finfo(np.float32).eps)
+FLT_MAX = float(np.finfo(np.float32).max)
 
 # The gradients every kernel test starts with (float32): zeros, tiny, subnormal (down to the smallest one), huge (up to
 # near FLT_MAX), ±1. The values straddling the preprocessing kinks are added by `extreme_gradients`.
@@ -85,8 +86,9 @@ def _checked_tree(phi_tree, hidden1, hidden2, preprocess):
 
 
 def preprocess_np(g, preprocess, param):
-    """The gradient features [D, N] (float64)."""
-    g = np.asarray(g, np.float64)
+    """The gradient features [D, N] (float64). ±inf act as ±FLT_MAX (the largest finite float32 gradient of that sign,
+    csrc/lstm_step.h); NaN gives NaN features (np.clip keeps NaN)."""
+    g = np.clip(np.asarray(g, np.float64), -FLT_MAX, FLT_MAX)
     if preprocess == "none":
         return g[None, :]
     if preprocess == "paper":

@@ -6,11 +6,21 @@
 always works. "fused" uses the compiled op library (csrc/) and raises when it was not built. "auto" uses the fused
 op when it is built and the caller is not being compiled by XLA (custom ops have no XLA kernel), else the reference.
 The fused kernels read φ as one flat vector: `flat_phi` builds it (differentiably) from the tree, once per call.
+
+Both implementations check their inputs the same way, with the same exceptions and messages: the φ tree by
+`check_phi_tree` (leaf shapes, float32), grad / state / scale by `validate_step_inputs` (float32, [N] and [S, N],
+a finite scale), the preprocessing parameter where the `StepConfig` is built (0.001 ≤ p ≤ 80).
+
+Non-finite gradients, the same in every implementation (csrc/lstm_step.h): +inf and -inf act as +FLT_MAX and
+-FLT_MAX, the largest finite gradient of that sign (same update, same new state; the sign is kept), and the gradient
+with respect to them is 0 (the clamp is flat beyond ±FLT_MAX). NaN propagates: a NaN gradient gives a NaN update and a
+NaN new state for its coordinate (and NaN in the gradients that depend on it); other coordinates are unaffected.
 """
 import tensorflow as tf
 
 from l2l_tf.ops import fused, layout, reference
-from l2l_tf.ops.config import DEFAULT_PREPROCESS_PARAM, PREPROCESS_MODES, StepConfig
+from l2l_tf.ops.config import (DEFAULT_PREPROCESS_PARAM, PREPROCESS_MODES, PREPROCESS_PARAM_RANGE, StepConfig,
+                               validate_step_inputs)
 
 IMPLEMENTATIONS = ("auto", "fused", "reference")
 
@@ -65,7 +75,8 @@ def phi_tree(flat, config: StepConfig):
 
 
 def check_phi_tree(phi, config: StepConfig):
-    """Raises ValueError naming the first leaf of `phi` that is missing or has the wrong shape for `config`."""
+    """Raises ValueError naming the first leaf of `phi` that is missing or has the wrong shape for `config`, TypeError
+    for a leaf that is not float32 (both implementations call this)."""
     shapes = config.phi_shapes
     if not isinstance(phi, dict) or set(phi) != set(shapes):
         got = sorted(phi) if isinstance(phi, dict) else type(phi).__name__
@@ -78,6 +89,9 @@ def check_phi_tree(phi, config: StepConfig):
         if shape != shapes[layer][part]:
             raise ValueError(f"phi leaf {layer}/{part} must have shape {shapes[layer][part]} for hidden sizes "
                              f"{config.hidden1}/{config.hidden2} and preprocess={config.preprocess!r}, got {shape}")
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and tf.as_dtype(dtype) != tf.float32:
+            raise TypeError(f"phi leaf {layer}/{part} must be float32, got {tf.as_dtype(dtype).name}")
 
 
 def preprocess(grad, config: StepConfig):
@@ -87,7 +101,11 @@ def preprocess(grad, config: StepConfig):
 
 
 def lstm_steps(phi, grads, states, scale, config: StepConfig, implementation="auto"):
-    """One coordinatewise LSTM step for each flat gradient [N_i] with its state [S, N_i]: (updates, new states)."""
+    """One coordinatewise LSTM step for each flat gradient [N_i] with its state [S, N_i]: (updates, new states).
+
+    Either implementation validates its inputs with `check_phi_tree` and `validate_step_inputs` (the same errors).
+    ±inf gradients act as ±FLT_MAX, NaN gradients give NaN updates (see the module docstring).
+    """
     if resolve_implementation(implementation) == "fused":
         flat = flat_phi(phi, config)
         results = [fused.lstm_step(flat, g, s, scale, config) for g, s in zip(grads, states)]
@@ -103,6 +121,7 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
     return update, new_state
 
 
-__all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "IMPLEMENTATIONS", "lstm_step",
-           "lstm_steps", "preprocess", "flat_phi", "phi_tree", "check_phi_tree", "fused_available", "fused_load_error",
-           "inside_xla_compilation", "check_implementation", "resolve_implementation", "layout"]
+__all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
+           "lstm_step", "lstm_steps", "preprocess", "flat_phi", "phi_tree", "check_phi_tree", "validate_step_inputs",
+           "fused_available", "fused_load_error", "inside_xla_compilation", "check_implementation",
+           "resolve_implementation", "layout"]

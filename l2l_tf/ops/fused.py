@@ -5,14 +5,12 @@ when it is missing or does not load, `available()` is False, `load_error()` says
 says that the pure-TF reference is used instead.
 """
 import logging
-import math
 import os
 import threading
 
-import numpy as np
 import tensorflow as tf
 
-from l2l_tf.ops.config import StepConfig
+from l2l_tf.ops.config import StepConfig, as_float32, validate_step_inputs
 
 _LIBRARY_NAME = "_lstm_step_ops.so"
 _logger = logging.getLogger(__name__)
@@ -86,49 +84,20 @@ def inside_xla_compilation():
         return False
 
 
-def _as_float32(value, name, rank):
-    """float32 tensor of the given rank; TypeError for other dtypes (no silent casts of tensors or arrays)."""
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None:
-        dtype = tf.as_dtype(dtype)
-        if dtype != tf.float32:
-            raise TypeError(f"lstm_step (fused): {name} must be float32, got {dtype.name}"
-                            + (" (the state dtype is float32; cast with tf.cast)" if name == "state" else ""))
-        tensor = tf.convert_to_tensor(value)
-    else:
-        try:
-            tensor = tf.convert_to_tensor(value, tf.float32)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"lstm_step (fused): {name} must be convertible to float32: {e}") from None
-    if tensor.shape.rank is not None and tensor.shape.rank != rank:
-        raise ValueError(f"lstm_step (fused): {name} must have rank {rank}, got shape {tensor.shape}")
-    return tensor
-
-
 def lstm_step(phi, grad, state, scale, config: StepConfig):
-    """One step with the fused op: phi [P], grad [N], state [S, N] (float32), scale scalar → (update, new_state)."""
+    """One step with the fused op: phi [P], grad [N], state [S, N] (float32), scale scalar → (update, new_state).
+
+    grad, state and scale go through `config.validate_step_inputs`, the reference's validation (same errors, same
+    messages); the flat φ is checked here (the φ tree, for both implementations, by `ops.check_phi_tree`).
+    """
     module = _load()
     if module is None:
         raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
-    phi = _as_float32(phi, "phi", 1)
-    grad = _as_float32(grad, "grad", 1)
-    state = _as_float32(state, "state", 2)
-    if isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool):
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"lstm_step (fused): scale must be finite, got {scale!r}")
-        scale = tf.constant(float(scale), tf.float32)
-    else:
-        scale = _as_float32(scale, "scale", 0)
-    p = phi.shape[0]
+    grad, state, scale = validate_step_inputs(grad, state, scale, config)
+    phi = as_float32(phi, "phi", 1)
+    p = phi.shape[0] if phi.shape.rank is not None else None
     if p is not None and p != config.num_params:
-        raise ValueError(f"lstm_step (fused): phi must have {config.num_params} elements for {config}, got {p}")
-    s, n_state = state.shape[0], state.shape[1]
-    if s is not None and s != config.state_rows:
-        raise ValueError(f"lstm_step (fused): state must have {config.state_rows} rows (2*(hidden1+hidden2)), "
-                         f"got shape {state.shape}")
-    n = grad.shape[0]
-    if n is not None and n_state is not None and n != n_state:
-        raise ValueError(f"lstm_step (fused): grad [N] and state [S, N] disagree on N: {grad.shape} vs {state.shape}")
+        raise ValueError(f"lstm_step: phi must have {config.num_params} elements for {config}, got {p}")
     return module.l2l_lstm_step(phi, grad, state, scale, hidden1=config.hidden1, hidden2=config.hidden2,
                                 preprocess=config.preprocess, preprocess_param=config.preprocess_param)
 

@@ -1,25 +1,40 @@
 """Pure-TensorFlow statement of the coordinatewise LSTM step (the reference and the fallback).
 
 Same math and [S, N] state layout as csrc/lstm_step.h, on the φ tree (layout.py). Written with plain TF ops so that
-it differentiates (to φ, the state and the gradient input), runs eagerly, in `tf.function` and under XLA.
+it differentiates (to φ, the state and the gradient input), runs eagerly, in `tf.function` and under XLA. Its inputs
+go through the same validation as the fused op's (`config.validate_step_inputs`).
+
+Non-finite gradients, as in the kernels: +inf and -inf act as +FLT_MAX and -FLT_MAX (the largest finite gradient of
+that sign: same update, same new state), and the derivative with respect to an infinite gradient is 0 (the clamp is
+flat beyond ±FLT_MAX). A NaN gradient gives a NaN update and NaN new state for its coordinate (it is not hidden).
 """
 import math
 
 import tensorflow as tf
 
-from l2l_tf.ops.config import StepConfig
+from l2l_tf.ops.config import FLT_MAX, StepConfig, as_float32, validate_step_inputs
 
 _FLT_EPSILON = float(2.0 ** -23)
 
 
+def clamp_infinities(grad):
+    """±inf → ±FLT_MAX; every finite value (and NaN) unchanged, bit for bit. Differentiable (derivative 1 at finite
+    values, 0 at ±inf), XLA-compilable.
+
+    A select rather than tf.clip_by_value: TF's CPU minimum/maximum run with denormals flushed and would turn a
+    subnormal gradient into 0 (clip_by_value keeps NaN too, but not every finite input)."""
+    signed_max = tf.where(grad > 0, FLT_MAX, -FLT_MAX)
+    return tf.where(tf.math.is_inf(grad), signed_max, grad)  # NaN: is_inf is False, NaN stays
+
+
 def preprocess(grad, config: StepConfig):
-    """Gradient features for the LSTM: a [D, N] tensor from a flat [N] gradient.
+    """Gradient features for the LSTM: a [D, N] tensor from a flat float32 [N] gradient.
 
     "none" → the raw gradient (D = 1). "paper" (Appendix A, parameter p): (log|g|/p, sgn g) when |g| ≥ e^{-p},
     else (−1, e^p g). "clamped" (the authors' release LogAndSign, parameter k):
-    (max(log(|g| + ε)/k, −1), clip(g e^k, −1, 1)).
+    (max(log(|g| + ε)/k, −1), clip(g e^k, −1, 1)). ±inf act as ±FLT_MAX; NaN gives NaN features.
     """
-    g = tf.convert_to_tensor(grad, tf.float32)
+    g = clamp_infinities(as_float32(grad, "grad", 1))
     if config.preprocess == "none":
         return g[None, :]
     param = config.preprocess_param
@@ -44,6 +59,7 @@ def _lstm_cell(layer, inputs, cell):
 
 def lstm_step(phi, grad, state, scale, config: StepConfig):
     """One step for N coordinates: φ tree, grad [N], state [S, N], scale scalar → (update [N], new state [S, N])."""
+    grad, state, scale = validate_step_inputs(grad, state, scale, config)
     h1_units, h2_units = config.hidden1, config.hidden2
     h1, c1, h2, c2 = tf.split(state, [h1_units, h1_units, h2_units, h2_units], axis=0)
     x = preprocess(grad, config)

@@ -38,6 +38,12 @@ class ProblemFamily(abc.ABC):
         whose tensors have names (KerasModelFamily: the variables' paths) override it."""
         return param_specs(self.sample(0).params)
 
+    def describe(self):
+        """JSON values that define this family's problems: what a checkpoint must match to be resumed. This default
+        is the class and the tensors' specs; families add the arguments that define their problems."""
+        return {"class": type(self).__name__,
+                "param_specs": [[spec.name, list(spec.shape), spec.dtype] for spec in self.param_specs()]}
+
 
 def seeds_for(split, count, base_seed=0):
     """Disjoint integer seed ranges for "train", "validation" and "test" problems."""

@@ -1,4 +1,7 @@
 """Any Keras model, data set and loss as a problem family (through Keras 3 `stateless_call`)."""
+import json
+import zlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -61,6 +64,19 @@ class KerasModelFamily(ProblemFamily):
     def param_specs(self):
         return param_specs(self.model.trainable_variables)
 
+    def describe(self):
+        """The model (its config, seed 0's weights by checksum), the loss, the data (size and checksum), batch size
+        and examples per problem. Layer and variable names are left out: Keras numbers unnamed layers by creation
+        order, which differs between processes that build the same model."""
+        loss = getattr(self.loss_fn, "get_config", None)
+        return {"class": type(self).__name__,
+                "param_shapes": [[list(spec.shape), spec.dtype] for spec in self.param_specs()],
+                "model": _without_names(_jsonable(self.model.get_config())),
+                "initial_weights_crc32": _crc32(*[v.numpy() for v in self.model.variables]),
+                "loss": _jsonable(loss()) if loss else getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
+                "num_examples": self.num_examples, "data_crc32": _crc32(self.x.numpy(), self.y.numpy()),
+                "batch_size": self.batch_size, "examples_per_problem": self.examples_per_problem}
+
     def minibatch(self, data, step):
         x, y, minibatch_seed = data
         index = tf.random.stateless_uniform([self.batch_size], seed=tf.stack([minibatch_seed, tf.cast(step, tf.int32)]),
@@ -75,6 +91,29 @@ class KerasModelFamily(ProblemFamily):
         if losses:
             loss = loss + tf.add_n(losses)
         return tf.cast(loss, tf.float32), tuple(new_extra)
+
+
+def _crc32(*arrays):
+    """A checksum of arrays' values and shapes (cheap enough for a data set held in memory)."""
+    value = 0
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        value = zlib.crc32(repr((array.shape, str(array.dtype))).encode(), value)
+        value = zlib.crc32(array.tobytes(), value)
+    return value
+
+
+def _jsonable(value):
+    """`value` with whatever JSON can't hold (dtype objects, tuples) as JSON-equivalent values."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _without_names(config):
+    if isinstance(config, dict):
+        return {k: _without_names(v) for k, v in config.items() if k != "name"}
+    if isinstance(config, list):
+        return [_without_names(v) for v in config]
+    return config
 
 
 def _materialize(data, max_examples):

@@ -38,6 +38,10 @@ class QuadraticFamily(ProblemFamily):
     def param_specs(self):
         return (ParamSpec("theta", (self.batch_size, self.num_dims), "float32"),)
 
+    def describe(self):
+        return {**super().describe(), "batch_size": self.batch_size, "num_dims": self.num_dims,
+                "distribution": self.distribution, "init_stddev": self.init_stddev}
+
     def loss(self, params, extra, data, step):
         (theta,), (w, y) = params, data
         residual = tf.linalg.matvec(w, theta) - y

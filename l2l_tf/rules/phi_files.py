@@ -45,8 +45,16 @@ def phi_from_arrays(rule, arrays, prefix=_PREFIX, where="φ"):
 
 
 def save_phi(path, rule, phi, **metadata):
-    """Writes φ and the rule's configuration to an .npz file (format version 2; temporary file, then rename)."""
+    """Writes φ and the rule's configuration to an .npz file (format version 2; temporary file, then rename).
+
+    Raises ValueError naming the leaf, and writes nothing, for a φ with NaN or inf values (`load_phi` refuses
+    them: a diverged φ must not replace a good file).
+    """
     arrays = phi_arrays(rule, phi)
+    for key, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"save_phi: φ leaf {key[len(_PREFIX):]!r} holds non-finite values (NaN or inf); nothing "
+                             f"was written to {os.fspath(path)!r}")
     arrays.update(format_version=np.asarray(FORMAT_VERSION), rule=json.dumps(rule_to_config(rule)),
                   metadata=json.dumps(metadata))
     atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -17,7 +17,7 @@ import keras
 from l2l_tf import baselines, evaluation
 from l2l_tf.problems import seeds_for
 from l2l_tf.rules import UpdateRule, leaf_paths, save_phi, tree_from_paths
-from l2l_tf.training import checkpoints
+from l2l_tf.training import checkpoints, summaries
 
 
 # Floor of f(θ_t) under the log meta-loss: keeps it finite when a loss reaches exactly zero.
@@ -57,11 +57,13 @@ class MetaTrainer:
         validation_family: problems for validation/early stopping (default `family`).
         implementation: how the rule's step runs ("auto", "fused", "reference"): a run-time choice, so a run may
             resume with another one.
+        run_config: JSON values of whatever else defines the run (a curriculum's phases, the data source, ...):
+            part of the fingerprint a checkpoint must match to be resumed (see training/checkpoints.py).
     """
 
     def __init__(self, rule: UpdateRule, family, *, num_steps=100, unroll_length=20, loss_weights=None,
                  meta_loss="sum", second_derivatives=False, learning_rate=1e-3, clip_norm=None, jit_compile=False,
-                 phi=None, seed=0, validation_family=None, implementation="auto"):
+                 phi=None, seed=0, validation_family=None, implementation="auto", run_config=None):
         if num_steps % unroll_length:
             raise ValueError(f"unroll_length ({unroll_length}) must divide num_steps ({num_steps})")
         self.rule, self.family = rule, family
@@ -76,6 +78,8 @@ class MetaTrainer:
         self.meta_loss = meta_loss
         self.second_derivatives = bool(second_derivatives)
         self.seed = int(seed)
+        self.learning_rate, self.clip_norm = learning_rate, clip_norm
+        self.run_config = {} if run_config is None else dict(run_config)
         initial = rule.init_phi(seed) if phi is None else rule.as_phi_tree(phi)
         rule.check_phi(initial)
         # One variable per φ leaf, named by its path (Keras variable names may not hold "/").
@@ -85,6 +89,8 @@ class MetaTrainer:
         self.optimizer.build(self.phi_variables)
         self.epoch = 0            # epochs completed
         self.skipped_steps = 0    # meta-updates dropped for non-finite meta-gradients
+        self.stale_validations = 0  # validations since the best one (early stopping)
+        self.resumed_from = None  # the epoch `train` resumed from (None: it started fresh)
         self.best_phi = self.phi_numpy()
         self.best_validation = math.inf
         self.history = []         # (epoch, validation loss)
@@ -134,31 +140,34 @@ class MetaTrainer:
         phi = tf.nest.map_structure(tf.convert_to_tensor, self.phi)
         loss, grad, carry = self.meta_gradient(phi, params, extra, rule_state, data, start_step)
         grads = [g for _, g in leaf_paths(grad)]
-        finite = tf.math.is_finite(loss)
-        for g in grads:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+        norm = tf.linalg.global_norm(grads)  # before clipping; NaN/Inf when any entry is
+        finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(norm))
         # A non-finite meta-gradient is never applied: it would corrupt φ (and Adam's moments) for good.
         def apply():
             self.optimizer.apply_gradients(zip(grads, self.phi_variables))
             return tf.constant(True)
 
         tf.cond(finite, apply, lambda: tf.constant(False))
-        return loss, finite, carry
+        return loss, finite, norm, carry
 
     # ---- epochs ----
     def train_epoch(self):
-        """Meta-trains on one fresh problem; returns the mean meta-loss of its unrolls."""
+        """Meta-trains on one fresh problem; returns the mean meta-loss of its unrolls (and sets
+        `last_meta_gradient_norm`, the mean norm of its applied meta-gradients)."""
         problem = self.family.sample(seeds_for("train", 1, self.seed)[0] + self.epoch)
         params, extra, data = problem.params, problem.extra, problem.data
         rule_state = self.rule.init_state(self.param_specs)
-        losses = []
+        losses, norms = [], []
         for start in range(0, self.num_steps, self.unroll_length):
-            loss, finite, (params, extra, rule_state) = self._meta_step(
+            loss, finite, norm, (params, extra, rule_state) = self._meta_step(
                 params, extra, rule_state, data, tf.constant(start))
-            if not bool(finite):
+            if bool(finite):
+                norms.append(float(norm))
+            else:
                 self.skipped_steps += 1
             losses.append(float(loss))
         self.epoch += 1
+        self.last_meta_gradient_norm = float(np.mean(norms)) if norms else math.nan
         return float(np.mean(losses))
 
     def validate(self, seeds):
@@ -172,50 +181,85 @@ class MetaTrainer:
         return value if math.isfinite(value) else math.inf
 
     def train(self, num_epochs, *, validation_every=100, num_validation_problems=20, checkpoint_dir=None,
-              checkpoint_every=None, logdir=None, patience=None, verbose=1):
-        """Meta-trains until `num_epochs` epochs in total have run (resuming from `checkpoint_dir` if it holds one).
+              checkpoint_every=None, logdir=None, patience=None, verbose=1, restart=False):
+        """Meta-trains until `num_epochs` epochs in total have run, resuming from `checkpoint_dir` when it holds a
+        checkpoint of this run (`restart=True`: start fresh and overwrite it; a checkpoint of another run, an
+        unreadable one or one with a non-finite φ raises `checkpoints.CheckpointError`).
 
         Validates every `validation_every` epochs on fixed held-out problems and keeps the best φ in `best_phi`;
-        stops early after `patience` validations without improvement (None: never). Checkpoints (atomically) at
-        every validation and every `checkpoint_every` epochs. Returns `best_phi` as a tree of float32 tensors.
+        stops early after `patience` validations without improvement (None: never; the count is checkpointed).
+        Checkpoints (atomically) at every validation and every `checkpoint_every` epochs. TensorBoard (`logdir`):
+        meta-loss, validation loss, meta-gradient norm, meta learning rate, skipped meta-steps, steps per second;
+        at each validation histograms of φ and of the gradients and updates of the learned optimizer on the first
+        validation problem; a resumed run's curves hold each epoch once. Returns `best_phi` as a tree of tensors.
         """
+        for name, value in (("validation_every", validation_every), ("num_validation_problems",
+                                                                      num_validation_problems)):
+            if not (isinstance(value, (int, np.integer)) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if checkpoint_every is not None and not (isinstance(checkpoint_every, (int, np.integer))
+                                                 and checkpoint_every >= 1):
+            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
         validation_seeds = seeds_for("validation", num_validation_problems, self.seed)
-        if checkpoint_dir and os.path.exists(self.checkpoint_path(checkpoint_dir)):
+        self.resumed_from = None
+        if checkpoint_dir and not restart and os.path.exists(self.checkpoint_path(checkpoint_dir)):
             self.restore(checkpoint_dir)
-        writer = tf.summary.create_file_writer(logdir) if logdir else None
+            self.resumed_from = self.epoch
+            if verbose:
+                print(f"resumed from epoch {self.epoch} ({self.checkpoint_path(checkpoint_dir)})", flush=True)
+        writer = None
+        if logdir:
+            summaries.mark_restart(logdir, self.epoch + 1)  # drops what an interrupted run logged after its checkpoint
+            writer = tf.summary.create_file_writer(logdir)
         progress = keras.utils.Progbar(num_epochs, verbose=verbose, stateful_metrics=["validation", "skipped"])
         progress.update(self.epoch)
-        stale = 0
         while self.epoch < num_epochs:
             started = time.perf_counter()
             meta_loss = self.train_epoch()
             steps_per_sec = self.num_steps / (time.perf_counter() - started)
             values = [("meta_loss", meta_loss), ("skipped", self.skipped_steps)]
-            scalars = {"meta_loss": meta_loss, "skipped_steps": self.skipped_steps, "steps_per_sec": steps_per_sec}
+            scalars = {"meta_loss": meta_loss, "skipped_steps": self.skipped_steps, "steps_per_sec": steps_per_sec,
+                       "meta_gradient_norm": self.last_meta_gradient_norm,
+                       "meta_learning_rate": float(self.optimizer.learning_rate)}
             validated = self.epoch % validation_every == 0 or self.epoch == num_epochs
             if validated:
                 validation = self.validate(validation_seeds)
                 self.history.append((self.epoch, validation))
                 if validation < self.best_validation:
-                    self.best_validation, self.best_phi, stale = validation, self.phi_numpy(), 0
+                    self.best_validation, self.best_phi, self.stale_validations = validation, self.phi_numpy(), 0
                 else:
-                    stale += 1
+                    self.stale_validations += 1
                 scalars["validation_loss"] = validation
                 values.append(("validation", validation))
             if writer:
                 with writer.as_default(step=self.epoch):
                     for name, value in scalars.items():
                         tf.summary.scalar(name, value)
+                    if validated:
+                        self._log_validation_histograms(validation_seeds[0])
             progress.update(self.epoch, values)
             if checkpoint_dir and (validated or (checkpoint_every and self.epoch % checkpoint_every == 0)):
+                if writer:
+                    writer.flush()  # what TensorBoard shows never runs ahead of the checkpoint by more than needed
                 self.save(checkpoint_dir)
-            if patience is not None and stale > patience:
+            if patience is not None and self.stale_validations > patience:
                 if verbose:
-                    print(f"early stopping at epoch {self.epoch}: no improvement in {stale} validations")
+                    print(f"early stopping at epoch {self.epoch}: no improvement in {self.stale_validations} "
+                          "validations")
                 break
         if writer:
             writer.flush()
         return tf.nest.map_structure(tf.constant, self.best_phi)
+
+    def _log_validation_histograms(self, seed):
+        """φ, and the gradients and updates of the learned optimizer on validation problem `seed` (inside a
+        writer's `as_default(step=...)`)."""
+        summaries.log_phi(self.phi, self.epoch)
+        family = self.validation_evaluator.family
+        phi = tf.nest.map_structure(tf.convert_to_tensor, self.phi)
+        _, gradients, updates = summaries.trajectory(family, self.rule, phi, family.sample(seed), self.num_steps,
+                                                     self.implementation)
+        summaries.log_trajectory(family, gradients, updates, self.epoch, prefix="validation_problem/")
 
     # ---- checkpoints ----
     @staticmethod
@@ -227,8 +271,8 @@ class MetaTrainer:
         checkpoints.save(self, directory)
 
     def restore(self, directory):
-        """Loads the state written by `save` (or by the flat-φ code before rules/); raises ValueError when it
-        belongs to another configuration."""
+        """Loads the state written by `save` (or by the flat-φ code before rules/); `checkpoints.CheckpointError`
+        (a ValueError) when it belongs to another run, is unreadable or holds a non-finite φ."""
         checkpoints.restore(self, directory)
 
     def export(self, path, **metadata):
