@@ -97,3 +97,34 @@ def test_examples_per_problem_draws_a_seeded_subset_per_problem():
     np.testing.assert_array_equal(whole.sample(0).data[1].numpy(), y)
     with pytest.raises(ValueError, match="examples_per_problem"):
         KerasModelFamily(mlp, (x, y), "mse", examples_per_problem=21)
+
+
+def test_cifar_convnet_architecture_seeding_and_batch_norm_state():
+    """The paper's convnet: three 5×5×16 SAME convs with BN/ReLU/2×2 pooling, a 32-unit BN/ReLU layer, logits;
+    a seed fixes the weights; batch-norm moving statistics are carried between steps as the family's extra."""
+    from l2l_tf.problems.cifar import build_convnet, cifar_families
+
+    model = build_convnet(num_classes=5, seed=3)
+    shapes = {v.path.split("/", 1)[1]: tuple(v.shape) for v in model.trainable_variables}
+    assert shapes["conv1/kernel"] == (5, 5, 3, 16) and shapes["conv2/kernel"] == (5, 5, 16, 16)
+    assert shapes["conv3/kernel"] == (5, 5, 16, 16) and shapes["fc/kernel"] == (4 * 4 * 16, 32)
+    assert shapes["logits/kernel"] == (32, 5) and shapes["fc_bn/gamma"] == (32,)
+    assert model.output_shape == (None, 5)
+    again, other = build_convnet(num_classes=5, seed=3), build_convnet(num_classes=5, seed=4)
+    for a, b, c in zip(model.get_weights(), again.get_weights(), other.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(model.get_weights()[0], other.get_weights()[0])
+    limit = np.sqrt(6.0 / (5 * 5 * 3 + 5 * 5 * 16))
+    kernel = model.get_weights()[0]
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit  # Glorot-uniform range
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(40, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 5, 40).astype(np.int32)
+    family = cifar_families({"train": (x, y)}, num_classes=5, batch_size=8)["train"]
+    problem = family.sample(1)
+    assert len(problem.extra) == 8  # moving mean and variance of the four batch-norm layers
+    loss, extra = family.loss(problem.params, problem.extra, problem.data, tf.constant(0))
+    assert np.isfinite(float(loss))
+    moved = [not np.allclose(a.numpy(), b.numpy()) for a, b in zip(problem.extra, extra)]
+    assert all(moved), "training-mode steps update every moving statistic"
