@@ -590,6 +590,7 @@ class Kernel {
       vf t0 = l > splat(-1.0f) ? d0 * vsign(g) / (splat(param_) * ae) : splat(0.0f);
       vf t1 = vabs(g * splat(ep_)) < splat(1.0f) ? d1 * splat(ep_) : splat(0.0f);
       r = t0 + t1;
+      r = g != g ? g : r;  // NaN propagates (both comparisons above are false for NaN)
     }
     return infinite ? splat(0.0f) : r;
   }

@@ -1,6 +1,7 @@
 """The CPU kernels (csrc/lstm_step_cpu.cc) through the pybind11 module, against the float64 NumPy reference.
 
-Skips when the extension is not built (`pip install -e .`).
+Skips when the extension is not built (`pip install -e .`); with L2L_TF_OPS_DIR set, tests the module in that directory
+(l2l_tf/ops/library.py) and fails when it is not there.
 
 The kernels take the flat float32 φ (`layout.flatten` of the tree); the reference (tools/lstm_step_numpy.py) takes the
 tree. The gradients are the shared fixture `extreme_gradients` (special values first, then random magnitudes).
@@ -11,10 +12,12 @@ import pytest
 from lstm_step_numpy import extreme_gradients, phi_tree_shapes, preprocess_np, random_phi_tree
 from lstm_step_numpy import lstm_step_np as _lstm_step_np
 
-from l2l_tf.ops import layout
+from l2l_tf.ops import layout, library
 
-try:
-    from l2l_tf import _kernels as K
+try:  # the package's l2l_tf._kernels, or the one in L2L_TF_OPS_DIR (e.g. bazel-bin/csrc) when that is set
+    K = library.load_kernels()
+except library.OpsDirError:
+    raise  # L2L_TF_OPS_DIR names a directory without a loadable module: an error, not a skip
 except ImportError as e:  # not built
     pytest.skip(f"l2l_tf._kernels is not built ({e})", allow_module_level=True)
 
@@ -81,6 +84,18 @@ def test_forward_propagates_nan(pre, param):
     update, new_state = K.forward_cpu(phi, grad, state, 1.0, 7, 5, pre, param)
     assert np.isnan(update[[5, 290]]).all() and np.isfinite(np.delete(update, [5, 290])).all()
     assert np.isnan(new_state[:, [5, 290]]).all() and np.isfinite(np.delete(new_state, [5, 290], axis=1)).all()
+
+
+@pytest.mark.parametrize("pre,param", MODES)
+def test_backward_propagates_nan(pre, param):
+    # The backward of a NaN gradient: NaN d_grad at that coordinate (every preprocessing form), the other
+    # coordinates' d_grad finite.
+    rng = np.random.default_rng(5)
+    phi, grad, state = _inputs(rng, 300, 7, 5, pre)
+    grad[[5, 290]] = np.nan
+    du = rng.standard_normal(300).astype(np.float32)
+    _, d_grad, _ = K.backward_cpu(phi, grad, state, 1.0, du, None, 7, 5, pre, param)
+    assert np.isnan(d_grad[[5, 290]]).all() and np.isfinite(np.delete(d_grad, [5, 290])).all()
 
 
 FLT_MAX = float(np.finfo(np.float32).max)

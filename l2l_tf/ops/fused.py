@@ -2,7 +2,9 @@
 
 The op library `l2l_tf/_lstm_step_ops.so` is built by `pip install -e .` (setup.py). It is loaded lazily, once;
 when it is missing or does not load, `available()` is False, `load_error()` says why, and one log line per process
-says that the pure-TF reference is used instead.
+says that the pure-TF reference is used instead. With L2L_TF_OPS_DIR set (`library.py`), the library is loaded from
+that directory (e.g. Bazel's `bazel-bin/csrc`) and must be there: a missing or unloadable file is an
+`library.OpsDirError` naming the directory, raised by `available()` and every use of the op, not a fallback.
 """
 import logging
 import os
@@ -10,9 +12,9 @@ import threading
 
 import tensorflow as tf
 
+from l2l_tf.ops import library
 from l2l_tf.ops.config import StepConfig, as_float32, validate_step_inputs
 
-_LIBRARY_NAME = "_lstm_step_ops.so"
 _logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -22,8 +24,9 @@ _error = None
 
 
 def library_path():
-    """Where the op library is expected: next to the `l2l_tf` package's __init__ (l2l_tf/_lstm_step_ops.so)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), _LIBRARY_NAME)
+    """Where the op library is expected: <L2L_TF_OPS_DIR>/_lstm_step_ops.so when L2L_TF_OPS_DIR is set (OpsDirError
+    when it is not there), else next to the `l2l_tf` package's __init__ (l2l_tf/_lstm_step_ops.so)."""
+    return library.op_library_path()
 
 
 def _load():
@@ -33,13 +36,16 @@ def _load():
     with _lock:
         if _loaded:
             return _module
-        path = library_path()
+        path = library_path()  # raises library.OpsDirError when L2L_TF_OPS_DIR lacks the library
         if not os.path.exists(path):
             _error = f"{path} is not built (run `pip install -e .` in the repository)"
         else:
             try:
                 _module = tf.load_op_library(path)
             except Exception as e:  # tf.errors.NotFoundError (undefined symbol, ABI), OSError, ...
+                if library.in_ops_dir(path):  # asked for by L2L_TF_OPS_DIR: no fallback
+                    raise library.OpsDirError(f"{library.ENV_VAR}={library.ops_dir()}: {path} failed to load: "
+                                              f"{type(e).__name__}: {e}".strip()) from e
                 _module = None
                 _error = f"{path} failed to load: {type(e).__name__}: {e}".strip()
         if _module is None:
