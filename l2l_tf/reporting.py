@@ -125,6 +125,27 @@ def quadratic_title(num_dims, distribution):
     return f"Quadratics ({num_dims}-d, {distribution})"
 
 
+# ---- console ----
+def print_table(title, optimizers, steps, marks):
+    """Prints each optimizer's mean loss at the steps `marks` and its final mean ± std, then, for each learned
+    optimizer, whether it is below every tuned baseline (those with a learning rate) at every step 20..T."""
+    print(f"\n{title}")
+    width = max([10] + [len(label(opt)) + 1 for opt in optimizers])
+    print(f"{'optimizer':<{width}}{'lr':>8}" + "".join(f"{'t=' + str(t):>9}" for t in marks) + f"{'final ± std':>18}")
+    for opt, summary in optimizers.items():
+        lr = "-" if summary["learning_rate"] is None else f"{summary['learning_rate']:.3g}"
+        curve = summary["mean_loss"]
+        print(f"{label(opt):<{width}}{lr:>8}" + "".join(f"{curve[t]:>9.4f}" for t in marks)
+              + f"{summary['final_loss_mean']:>10.4f} ± {summary['final_loss_std']:.3f}")
+    tuned = [opt for opt, summary in optimizers.items() if summary["learning_rate"] is not None]
+    if tuned:
+        best = np.min([optimizers[opt]["mean_loss"] for opt in tuned], axis=0)
+        window = slice(min(20, steps), steps + 1)
+        for opt in (o for o in optimizers if is_learned(o)):
+            below = bool(np.all(np.asarray(optimizers[opt]["mean_loss"])[window] < best[window]))
+            print(f"{label(opt)} below every tuned baseline at every step {window.start}..{steps}: {below}")
+
+
 # ---- files ----
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))

@@ -1,4 +1,3 @@
-import glob
 import os
 
 import numpy as np
@@ -194,13 +193,13 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 
 def test_tensorboard_scalars_and_export(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 
     trainer = MetaTrainer(SMALL_RULE, QuadraticFamily(batch_size=4, num_dims=3), num_steps=5, unroll_length=5)
     trainer.train(2, validation_every=1, num_validation_problems=1, logdir=str(tmp_path / "tb"), verbose=0)
-    events = EventAccumulator(glob.glob(str(tmp_path / "tb" / "events.*"))[0])
+    events = EventAccumulator(str(tmp_path / "tb"))  # the run's directory, as TensorBoard loads it (every file)
     events.Reload()
-    tags = set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
+    tags = set(events.Tags()["tensors"])
     assert {"meta_loss", "validation_loss", "skipped_steps", "steps_per_sec"} <= tags
     from l2l_tf import load_phi
     trainer.export(str(tmp_path / "phi.npz"))

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from l2l_tf import baselines, datasets, evaluation, reporting
 from l2l_tf.datasets import mnist as mnist_data

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from l2l_tf import LearnedOptimizer, ops
 from l2l_tf.problems import KerasModelFamily
-from l2l_tf.rules import (LSTMUpdateRule, ParamSpec, Partitioned, RuleState, leaf_paths, register_predicate,
+from l2l_tf.rules import (LSTMUpdateRule, ParamSpec, Partitioned, leaf_paths, register_predicate,
                           rule_from_config, rule_to_config)
 from l2l_tf.training import MetaTrainer
 

@@ -1,6 +1,5 @@
 """Meta-training resumes only its own checkpoints, says so, keeps its early-stopping count, and TensorBoard shows
 each epoch once after a resume; a bad checkpoint is an error naming the file and what to do."""
-import glob
 import json
 import os
 

@@ -29,6 +29,7 @@ def library_path():
     return library.op_library_path()
 
 
+@tf.autograph.experimental.do_not_convert  # plain Python (file checks, a lock), also when called while tracing
 def _load():
     global _loaded, _module, _error
     if _loaded:

@@ -98,6 +98,6 @@ def load_kernels():
         spec.loader.exec_module(module)
     except Exception as e:  # ImportError (undefined symbol, wrong Python), OSError, ...
         raise OpsDirError(f"{ENV_VAR}={ops_dir()}: {path} failed to load: {type(e).__name__}: {e}") from e
-    # Later `from l2l_tf import _kernels` get this module too, unless the package's copy was imported before.
+    # Later imports of the module l2l_tf._kernels get this module too, unless the package's copy was imported before.
     sys.modules.setdefault(KERNELS_MODULE, module)
     return module

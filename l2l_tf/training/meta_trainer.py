@@ -5,7 +5,6 @@ one Adam step on φ per unroll. Within an unroll the meta-loss is Σ_t w_t f(θ_
 the LSTM state carry over to the next unroll without gradient across the boundary. With
 `second_derivatives=False` (the paper's default) the optimizee gradient enters the LSTM through a stop-gradient.
 """
-import json
 import math
 import os
 import time
