@@ -122,6 +122,15 @@ class UpdateRule(abc.ABC):
                              f"{type(phi).__name__}")
         return phi
 
+    @staticmethod
+    def check_grads(grads, state):
+        """`grads` as a list, one per tensor of `state` (ValueError otherwise)."""
+        grads = list(grads)
+        if len(grads) != len(state.per_coordinate):
+            raise ValueError(f"got {len(grads)} gradients for an optimizer state of {len(state.per_coordinate)} "
+                             "tensors")
+        return grads
+
     def check_implementation(self, implementation):
         """Validates `implementation` for this rule: "fused" needs the op and a rule the op can run."""
         ops.check_implementation(implementation)

@@ -114,10 +114,7 @@ class LSTMUpdateRule(UpdateRule):
 
         θ_{t+1} = θ_t + updates. Gradients of any float dtype are computed in float32 and the updates cast back.
         """
-        grads = list(grads)
-        if len(grads) != len(state.per_coordinate):
-            raise ValueError(f"got {len(grads)} gradients for an optimizer state of {len(state.per_coordinate)} "
-                             "tensors")
+        grads = self.check_grads(grads, state)
         flat = [tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads]
         updates, states = ops.lstm_steps(self.as_phi_tree(phi), flat, list(state.per_coordinate), self.output_scale,
                                          self.step_config, self.step_implementation(implementation))

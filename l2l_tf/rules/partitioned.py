@@ -119,10 +119,7 @@ class Partitioned(UpdateRule):
 
     def step(self, phi, grads, state, *, implementation="auto"):
         self.check_implementation(implementation)
-        grads = list(grads)
-        if len(grads) != len(state.per_coordinate):
-            raise ValueError(f"got {len(grads)} gradients for an optimizer state of {len(state.per_coordinate)} "
-                             "tensors")
+        grads = self.check_grads(grads, state)
         groups = [next(iter(entry)) for entry in state.per_coordinate]  # each entry is {group: sub-rule entry}
         updates, per_coordinate, shared = [None] * len(grads), list(state.per_coordinate), dict(state.shared)
         for group, rule in self.rules.items():
