@@ -563,22 +563,13 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         counter = first - 1
         if str(counter) in store.keys() and not np.issubdtype(np.asarray(store[str(counter)]).dtype, np.integer):
             # φ (always float32) where the int counter is now: written before it existed.
-            count = len(store.keys())
-            upgraded = {str(i): store[str(i)] for i in range(counter)}
-            upgraded[str(counter)] = np.zeros((), np.int64)
-            upgraded.update({str(i + 1): store[str(i)] for i in range(counter, count)})
-            store = upgraded
+            store = _splice(store, counter, 0, [np.zeros((), np.int64)])
         if not isinstance(self._rule, LSTMUpdateRule) or str(first) not in store.keys():
             return store
         flat = np.asarray(store[str(first)])
         if flat.shape != (self._rule.num_params,) or flat.shape == tuple(leaves[0][1].shape):
             return store
-        upgraded = {str(i): store[str(i)] for i in range(first)}
-        tree = self._rule.as_phi_tree(flat)
-        upgraded.update({str(first + j): np.asarray(leaf) for j, (_, leaf) in enumerate(leaf_paths(tree))})
-        shift = len(leaves) - 1  # everything after φ moves by the number of extra φ variables
-        upgraded.update({str(i + shift): store[str(i)] for i in range(first + 1, len(store.keys()))})
-        return upgraded
+        return _splice(store, first, 1, [np.asarray(leaf) for _, leaf in leaf_paths(self._rule.as_phi_tree(flat))])
 
     def _base_shapes_match(self, store):
         return all(tuple(np.shape(store[str(i)])) == tuple(self.variables[i].shape)
@@ -680,6 +671,14 @@ def _keras_file_loading():
             return True
         frame = frame.f_back
     return False
+
+
+def _splice(store, at, removed, inserted):
+    """A `.keras` variable store (positions "0", "1", ...) with its `removed` entries at position `at` replaced by the
+    arrays `inserted`; the later entries move along."""
+    values = [store[str(i)] for i in range(len(store.keys()))]
+    values[at:at + removed] = inserted
+    return {str(i): value for i, value in enumerate(values)}
 
 
 def _leaves(nest):
