@@ -35,6 +35,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace l2l {
 
@@ -79,5 +80,63 @@ void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float
                             const float* state, float scale, int64_t n, int64_t begin, int64_t end,
                             const float* d_update, const float* d_new_state, float* d_phi_partial,
                             float* d_grad, float* d_state);
+
+// ---- Many tensors in one call (one optimizer step over all of a rule's tensors, sharing phi and scale).
+// One tensor's arrays, as in the single-tensor calls above (d_new_state may be nullptr; unused fields null).
+struct TensorArgs {
+  const float* grad = nullptr;
+  const float* state = nullptr;
+  int64_t n = 0;
+  float* update = nullptr;             // forward outputs
+  float* new_state = nullptr;
+  const float* d_update = nullptr;     // backward inputs
+  const float* d_new_state = nullptr;
+  float* d_grad = nullptr;             // backward outputs
+  float* d_state = nullptr;
+};
+
+// Coordinates [begin, end) of tensor `tensor`.
+struct Slice {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+// Splits the coordinates of tensors of sizes n[0..count) into shards for `threads` threads: whole 256-coordinate
+// chunks (a tensor's last chunk may be partial), consecutive in tensor order, balanced by their cost (a chunk's
+// columns rounded up to the 64-coordinate sub-block the kernels compute). The shard count is a multiple of
+// `threads` (a few shards per thread when there is enough work, so that a thread slowed by other work does not
+// hold the others up), at most one shard per chunk. Deterministic: the same sizes and threads give the same shards.
+std::vector<std::vector<Slice>> plan_shards(const int64_t* n, int count, int threads);
+
+// One shard of a multi-tensor step: each slice in order, with the weights packed once. The backward accumulates
+// d_phi of all its slices into d_phi_partial (as lstm_step_backward_cpu does).
+void lstm_step_forward_cpu_slices(const StepConfig& cfg, const float* phi, float scale, const TensorArgs* tensors,
+                                  const Slice* slices, int count);
+void lstm_step_backward_cpu_slices(const StepConfig& cfg, const float* phi, float scale, const TensorArgs* tensors,
+                                   const Slice* slices, int count, float* d_phi_partial);
+
+// ---- Cycle accounting by phase (a benchmark mode: experiments/bench_step.py --benchmark=phases). While a
+// PhaseCycles is installed on a thread, the CPU kernels running on that thread add the time-stamp-counter ticks
+// spent in each phase to it (a few rdtsc per 64-coordinate sub-block; nothing is counted when none is installed).
+enum Phase : int32_t {
+  kPhaseStage = 0,        // preprocessing of the gradient, staging of the state rows, weight packing
+  kPhaseGates1,           // layer-1 gate GEMM
+  kPhaseCell1,            // layer-1 pointwise LSTM math (forward; in the backward: recomputed activations)
+  kPhaseGates2,           // layer-2 gate GEMM
+  kPhaseCell2,            // layer-2 pointwise math and the output
+  kPhaseCellBackward2,    // backward: layer-2 pointwise chain rule (and the output layer)
+  kPhaseInputGrad2,       // backward: layer-2 input-gradient GEMM
+  kPhaseCellBackward1,    // backward: layer-1 pointwise chain rule
+  kPhaseInputGrad1,       // backward: layer-1 input-gradient GEMM and d_grad through the preprocessing
+  kPhaseWeightGrad,       // backward: weight-gradient GEMMs
+  kPhaseFinish,           // backward: reduction of the per-lane d_phi sums
+  kNumPhases
+};
+struct PhaseCycles {
+  uint64_t ticks[kNumPhases] = {};
+};
+// Installs `counters` (nullptr: none) for the calling thread; returns the previous one.
+PhaseCycles* set_thread_phase_cycles(PhaseCycles* counters);
+const char* phase_name(int phase);
 
 }  // namespace l2l

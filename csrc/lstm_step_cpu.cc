@@ -48,6 +48,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <new>
 #include <vector>
 
@@ -58,6 +59,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+#include <x86intrin.h>
 #endif
 
 namespace l2l {
@@ -75,6 +77,30 @@ const char* validate_config(const StepConfig& cfg) {
            "normal float32 number)";
   }
   return nullptr;
+}
+
+namespace {
+thread_local PhaseCycles* t_phase_cycles = nullptr;
+
+uint64_t ticks_now() {
+#if defined(__SSE2__)
+  return __rdtsc();
+#else
+  return 0;
+#endif
+}
+}  // namespace
+
+PhaseCycles* set_thread_phase_cycles(PhaseCycles* counters) {
+  PhaseCycles* previous = t_phase_cycles;
+  t_phase_cycles = counters;
+  return previous;
+}
+
+const char* phase_name(int phase) {
+  static const char* names[kNumPhases] = {"stage", "gates1", "cell1", "gates2", "cell2", "cell_backward2",
+                                          "input_grad2", "cell_backward1", "input_grad1", "weight_grad", "finish"};
+  return phase >= 0 && phase < kNumPhases ? names[phase] : "?";
 }
 
 namespace {
@@ -340,15 +366,15 @@ class Prefetcher {
 
 bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
 
-// Per-thread scratch of the forward Kernel (grow-only; one forward Kernel per thread at a time).
-float* forward_scratch(int64_t floats) {
-  thread_local std::unique_ptr<float, AlignedFree> buf;
-  thread_local int64_t size = 0;
-  if (floats > size) {
-    buf.reset(aligned_floats(floats));
-    size = floats;
+// Per-thread scratch of the Kernels (grow-only; one forward and one backward Kernel per thread at a time).
+float* thread_scratch(int64_t floats, bool backward) {
+  thread_local std::unique_ptr<float, AlignedFree> buf[2];
+  thread_local int64_t size[2] = {0, 0};
+  if (floats > size[backward]) {
+    buf[backward].reset(aligned_floats(floats));
+    size[backward] = floats;
   }
-  return buf.get();
+  return buf[backward].get();
 }
 
 class Kernel {
@@ -356,6 +382,8 @@ class Kernel {
   Kernel(const StepConfig& cfg, const float* phi, float scale, bool backward)
       : cfg_(cfg), D_(cfg.input_size()), H1_(cfg.hidden1), H2_(cfg.hidden2), S_(int(cfg.state_rows())),
         K1_(D_ + H1_), K2_(H1_ + H2_), scale_(scale), backward_(backward) {
+    prof_ = t_phase_cycles;
+    if (prof_) last_ = ticks_now();
     W1_ = phi + cfg.w1_offset();
     b1_ = phi + cfg.b1_offset();
     W2_ = phi + cfg.w2_offset();
@@ -401,6 +429,7 @@ class Kernel {
       o_dx = take(2LL * kLd);
       o_dy = take(kLd);
       o_junk = take(int64_t(kKR) * kLd);
+      // From here on: what must start at 0 (the zero row, the lane accumulators), one range.
       o_zero = take(kLd);
       o_lw1 = take(4LL * H1_ * K1w_ * kW);
       o_lw2 = take(4LL * H2_ * K2w_ * kW);
@@ -409,17 +438,12 @@ class Kernel {
       o_lwo = take(int64_t(H2_) * kW);
       o_lbo = take(kW);
     }
-    float* m;
-    if (backward_) {
-      mem_.reset(aligned_floats(floats));
-      m = mem_.get();
-      std::memset(m, 0, sizeof(float) * floats);  // the lane accumulators, junk and zero rows must start at 0
-    } else {
-      // The forward writes every element it reads (staged rows are zero-padded by stage_in), so its ~265 KB (at
-      // 20/20) come uncleared from a per-thread buffer kept between calls: a fresh allocation of that size is an
-      // mmap whose page faults, with the memset, cost ~25 us per call, which dominated small N.
-      m = forward_scratch(floats);
-    }
+    // Scratch comes uncleared from a per-thread buffer kept between calls (a fresh allocation of ~1 MB is an mmap
+    // whose page faults, with a memset, cost more than a small tensor's whole step): everything else is written
+    // before it is read (staged rows are zero-padded by stage_in), so only the zero row and the backward's lane
+    // accumulators are cleared.
+    float* m = thread_scratch(floats, backward_);
+    if (backward_) std::memset(m + o_zero, 0, sizeof(float) * (floats - o_zero));
     wp1_ = m + o_wp1; bp1_ = m + o_bp1; wp2_ = m + o_wp2; bp2_ = m + o_bp2;
     in1_ = m + o_in1; in2_ = m + o_in2; gbuf_ = m + o_gbuf;
     gs_ = m + o_gs; sts_ = m + o_sts; us_ = m + o_us; nss_ = m + o_nss;
@@ -471,10 +495,9 @@ class Kernel {
     store_fence();
   }
 
-  // ---- backward over [begin, end); d_phi_partial accumulated into.
+  // ---- backward over [begin, end); its d_phi goes to the lane accumulators (finish() adds them to d_phi).
   void backward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end,
-                const float* d_update, const float* d_new_state, float* d_phi_partial, float* d_grad,
-                float* d_state) {
+                const float* d_update, const float* d_new_state, float* d_grad, float* d_state) {
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(d_grad) && aligned64(d_state);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
@@ -493,27 +516,35 @@ class Kernel {
                   d_state + c0, n);
         nt_ = false;
       } else {
-        // Padded columns: zero gradient, state and upstream gradients, so every dz there is 0 and they add
-        // nothing to d_phi.
-        stage_in(grad + c0, state + c0, n, cnt);
+        // A partial chunk: only the sub-blocks holding its columns (a 20-coordinate bias costs one sub-block, not a
+        // whole chunk). Padded columns: zero gradient, state and upstream gradients, so every dz there is 0 and
+        // they add nothing to d_phi.
+        const int cols = int(round_up(cnt, kSub));
+        stage_in(grad + c0, state + c0, n, cnt, cols);
         float* dus = us_;
         float* dnss = nss_;
-        std::memset(dus, 0, sizeof(float) * kLd);
+        std::memset(dus, 0, sizeof(float) * cols);
         std::memcpy(dus, d_update + c0, sizeof(float) * cnt);
         for (int r = 0; r < S_; ++r) {
           float* row = dnss + int64_t(r) * kLd;
-          std::memset(row, 0, sizeof(float) * kLd);
+          std::memset(row, 0, sizeof(float) * cols);
           if (d_new_state) std::memcpy(row, d_new_state + r * n + c0, sizeof(float) * cnt);
         }
         // Outputs go to the same staging buffers (d_grad over d_update, d_state over d_new_state: allowed).
-        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd);
+        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols);
         std::memcpy(d_grad + c0, dus, sizeof(float) * cnt);
         for (int r = 0; r < S_; ++r)
           std::memcpy(d_state + r * n + c0, dnss + int64_t(r) * kLd, sizeof(float) * cnt);
       }
     }
     store_fence();
+  }
+
+  // Adds the d_phi of every backward() so far to d_phi_partial.
+  void finish(float* d_phi_partial) {
+    mark(kPhaseStage);
     reduce_lanes(d_phi_partial);
+    mark(kPhaseFinish);
   }
 
  private:
@@ -534,6 +565,15 @@ class Kernel {
       float* row = sts_ + int64_t(r) * kLd;
       std::memset(row, 0, sizeof(float) * pad);
       std::memcpy(row, st + r * ld, sizeof(float) * cnt);
+    }
+  }
+
+  // Attributes the ticks since the previous mark to `phase` (when a PhaseCycles is installed on this thread).
+  L2L_INLINE void mark(int phase) {
+    if (prof_) {
+      const uint64_t t = ticks_now();
+      prof_->ticks[phase] += t - last_;
+      last_ = t;
     }
   }
 
@@ -645,10 +685,12 @@ class Kernel {
     for (int r = 0; r < H1_; ++r) std::memcpy(in1_ + int64_t(D_ + r) * kLd, st + r * lds, sizeof(float) * cols);
     for (int r = 0; r < H2_; ++r)
       std::memcpy(in2_ + int64_t(H1_ + r) * kLd, st + (2 * int64_t(H1_) + r) * lds, sizeof(float) * cols);
+    mark(kPhaseStage);
 
     for (int s = 0; s < cols; s += kSub) {
       // Layer 1.
       gates(wp1_, bp1_, in1_ + s, K1_, H1_, gbuf_);
+      mark(kPhaseGates1);
       for (int j = 0; j < H1_; ++j) {
         pf_.step();
         const float* acc = gbuf_ + int64_t(j) * 4 * kSub;
@@ -675,11 +717,13 @@ class Kernel {
           }
         }
       }
+      mark(kPhaseCell1);
       // Layer 2 and the output.
       vf ua[kNV];
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) ua[v] = splat(0.0f);
       gates(wp2_, bp2_, in2_ + s, K2_, H2_, gbuf_);
+      mark(kPhaseGates2);
       for (int j = 0; j < H2_; ++j) {
         pf_.step();
         const float* acc = gbuf_ + int64_t(j) * 4 * kSub;
@@ -710,6 +754,7 @@ class Kernel {
 #pragma GCC unroll 4
         for (int v = 0; v < kNV; ++v) store_out(up + s + v * kW, splat(scale_) * (ua[v] + splat(bo_)));
       }
+      mark(kPhaseCell2);
     }
   }
 
@@ -784,7 +829,7 @@ class Kernel {
 
   // lanes[g][k] (kW partial sums each) += sum over the chunk of dz[g][:] * u[k][:].
   __attribute__((noinline)) static void weight_grad(float* __restrict lanes, int G, int Kw, const float* __restrict dz,
-                          const float* __restrict u) {
+                          const float* __restrict u, int cols) {
     for (int g0 = 0; g0 < G; g0 += kGR) {
       for (int k0 = 0; k0 < Kw; k0 += kKC) {
         vf acc[kGR][kKC];
@@ -792,7 +837,7 @@ class Kernel {
         for (int r = 0; r < kGR; ++r)
 #pragma GCC unroll 8
           for (int c = 0; c < kKC; ++c) acc[r][c] = splat(0.0f);
-        for (int col = 0; col < kChunk; col += kW) {
+        for (int col = 0; col < cols; col += kW) {
           vf a[kGR], b[kKC];
 #pragma GCC unroll 8
           for (int r = 0; r < kGR; ++r) a[r] = load(dz + int64_t(g0 + r) * kLd + col);
@@ -817,9 +862,9 @@ class Kernel {
   // ---- backward of one chunk. Recomputes the forward activations (nothing is saved by the forward op: the
   // step is memory-bound, and recomputing from the state costs arithmetic, not memory traffic).
   void bwd_chunk(const float* g, const float* st, int64_t lds, const float* du, const float* dns, int64_t lddn,
-                 float* dg, float* ds, int64_t ldd) {
-    fwd_chunk<true>(g, st, lds, nullptr, nullptr, 0);
-    for (int col = 0; col < kChunk; col += kW) store(dy_ + col, splat(scale_) * loadu(du + col));
+                 float* dg, float* ds, int64_t ldd, int cols = kChunk) {
+    fwd_chunk<true>(g, st, lds, nullptr, nullptr, 0, cols);
+    for (int col = 0; col < cols; col += kW) store(dy_ + col, splat(scale_) * loadu(du + col));
     const int64_t H1 = H1_, H2 = H2_;
     // Row pointers of the input-gradient outputs (at column 0 of the chunk).
     for (int k = 0; k < K2u_; ++k) {
@@ -833,7 +878,8 @@ class Kernel {
       else urow1_[k] = junk_ + int64_t(k - K1_) * kLd;
     }
     float** rows = rows_.data();
-    for (int s = 0; s < kChunk; s += kSub) {
+    mark(kPhaseStage);
+    for (int s = 0; s < cols; s += kSub) {
       // Layer 2 (and the output layer).
       for (int j = 0; j < H2_; ++j) {
         pf_.step();
@@ -860,8 +906,10 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) dbo = dbo + load(dy_ + s + v * kW);
         store(lbo_, dbo);
       }
+      mark(kPhaseCellBackward2);
       for (int k = 0; k < K2u_; ++k) rows[k] = urow2_[k] + s;
       input_grad(wt2_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_);
+      mark(kPhaseInputGrad2);
       // Layer 1.
       for (int j = 0; j < H1_; ++j) {
         pf_.step();
@@ -875,6 +923,7 @@ class Kernel {
         }
         add_bias_lanes(lb1_, H1_, j, sb);
       }
+      mark(kPhaseCellBackward1);
       for (int k = 0; k < K1u_; ++k) rows[k] = urow1_[k] + s;
       input_grad(wt1_, K1u_, 4 * H1_, dz1_ + s, rows, D_, K1_, nt_);
 #pragma GCC unroll 4
@@ -882,9 +931,11 @@ class Kernel {
         const int off = s + v * kW;
         store_out(dg + off, preprocess_backward(loadu(g + off), load(dx_ + off), load(dx_ + kLd + off)));
       }
+      mark(kPhaseInputGrad1);
     }
-    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, in2_);
-    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, in1_);
+    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, in2_, cols);
+    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, in1_, cols);
+    mark(kPhaseWeightGrad);
   }
 
   static float hsum(const float* lane) {
@@ -915,7 +966,6 @@ class Kernel {
   Preprocess pre_;
   float param_ = 1.0f, thr_ = 0.0f, ep_ = 1.0f;
   int K1w_, K2w_, K1u_, K2u_;
-  std::unique_ptr<float, AlignedFree> mem_;
   float *wp1_, *bp1_, *wp2_, *bp2_, *in1_, *in2_, *gbuf_, *gs_, *sts_, *us_, *nss_;
   float *wt1_ = nullptr, *wt2_ = nullptr, *act1_ = nullptr, *act2_ = nullptr, *dz1_ = nullptr, *dz2_ = nullptr;
   float *dh1_ = nullptr, *dx_ = nullptr, *dy_ = nullptr, *junk_ = nullptr, *zero_ = nullptr;
@@ -923,6 +973,8 @@ class Kernel {
   std::vector<float*> urow1_, urow2_, rows_;
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
+  PhaseCycles* prof_ = nullptr;
+  uint64_t last_ = 0;
 };
 
 }  // namespace
@@ -939,7 +991,73 @@ void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float
                             const float* d_new_state, float* d_phi_partial, float* d_grad, float* d_state) {
   if (end <= begin) return;
   Kernel k(cfg, phi, scale, /*backward=*/true);
-  k.backward(grad, state, n, begin, end, d_update, d_new_state, d_phi_partial, d_grad, d_state);
+  k.backward(grad, state, n, begin, end, d_update, d_new_state, d_grad, d_state);
+  k.finish(d_phi_partial);
+}
+
+void lstm_step_forward_cpu_slices(const StepConfig& cfg, const float* phi, float scale, const TensorArgs* tensors,
+                                  const Slice* slices, int count) {
+  if (count <= 0) return;
+  Kernel k(cfg, phi, scale, /*backward=*/false);
+  for (int i = 0; i < count; ++i) {
+    const TensorArgs& t = tensors[slices[i].tensor];
+    if (slices[i].end > slices[i].begin)
+      k.forward(t.grad, t.state, t.n, slices[i].begin, slices[i].end, t.update, t.new_state);
+  }
+}
+
+void lstm_step_backward_cpu_slices(const StepConfig& cfg, const float* phi, float scale, const TensorArgs* tensors,
+                                   const Slice* slices, int count, float* d_phi_partial) {
+  if (count <= 0) return;
+  Kernel k(cfg, phi, scale, /*backward=*/true);
+  for (int i = 0; i < count; ++i) {
+    const TensorArgs& t = tensors[slices[i].tensor];
+    if (slices[i].end > slices[i].begin)
+      k.backward(t.grad, t.state, t.n, slices[i].begin, slices[i].end, t.d_update, t.d_new_state, t.d_grad,
+                 t.d_state);
+  }
+  k.finish(d_phi_partial);
+}
+
+std::vector<std::vector<Slice>> plan_shards(const int64_t* n, int count, int threads) {
+  threads = std::max(threads, 1);
+  // The chunks, in tensor order, with their cost in sub-blocks.
+  struct Chunk {
+    int32_t tensor;
+    int64_t begin, end, cost;
+  };
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int t = 0; t < count; ++t) {
+    for (int64_t b = 0; b < n[t]; b += kChunk) {
+      const int64_t e = std::min<int64_t>(n[t], b + kChunk);
+      const int64_t cost = (e - b + kSub - 1) / kSub;
+      chunks.push_back(Chunk{t, b, e, cost});
+      total += cost;
+    }
+  }
+  std::vector<std::vector<Slice>> shards;
+  if (chunks.empty()) return shards;
+  // Up to 4 shards per thread, each of at least ~8 full chunks (a shard's fixed cost, packing the weights and
+  // reducing its d_phi, is then small); never more shards than chunks.
+  constexpr int64_t kMinShardCost = 8 * (kChunk / kSub);
+  int64_t per_thread = std::max<int64_t>(1, std::min<int64_t>(4, total / (kMinShardCost * threads)));
+  int64_t want = std::min<int64_t>(int64_t(threads) * per_thread, int64_t(chunks.size()));
+  if (want > threads) want -= want % threads;  // a multiple of the threads
+  shards.resize(size_t(want));
+  // Greedy by running cost: chunk c goes to shard floor(cost before its middle * shards / total).
+  int64_t before = 0;
+  for (const Chunk& c : chunks) {
+    const int64_t s = std::min<int64_t>(want - 1, (2 * before + c.cost) * want / (2 * total));
+    before += c.cost;
+    std::vector<Slice>& shard = shards[size_t(s)];
+    if (!shard.empty() && shard.back().tensor == c.tensor && shard.back().end == c.begin) shard.back().end = c.end;
+    else shard.push_back(Slice{c.tensor, c.begin, c.end});
+  }
+  // A shard can only be empty when chunks are fewer or much larger than shards: drop it.
+  shards.erase(std::remove_if(shards.begin(), shards.end(), [](const std::vector<Slice>& v) { return v.empty(); }),
+               shards.end());
+  return shards;
 }
 
 }  // namespace l2l

@@ -1090,4 +1090,17 @@ const char* lstm_step_backward_cuda(const StepConfig& cfg, const float* phi, con
   return launch_status();
 }
 
+__global__ void add_kernel(float* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] += src[i];
+}
+
+const char* add_inplace_cuda(float* dst, const float* src, int64_t n, void* stream_ptr) {
+  if (n <= 0) return nullptr;
+  if (!dst || !src) return "add_inplace_cuda: null pointer";
+  const int64_t blocks = (n + 255) / 256 < 1024 ? (n + 255) / 256 : 1024;
+  add_kernel<<<static_cast<unsigned>(blocks), 256, 0, static_cast<cudaStream_t>(stream_ptr)>>>(dst, src, n);
+  return launch_status();
+}
+
 }  // namespace l2l

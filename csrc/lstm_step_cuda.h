@@ -25,4 +25,7 @@ const char* lstm_step_backward_cuda(const StepConfig& cfg, const float* phi, con
                                     const float* d_update, const float* d_new_state, float* d_phi,
                                     float* d_grad, float* d_state, void* stream);
 
+// dst[i] += src[i] for i < n (the multi-tensor op sums its tensors' d_phi with it).
+const char* add_inplace_cuda(float* dst, const float* src, int64_t n, void* stream);
+
 }  // namespace l2l

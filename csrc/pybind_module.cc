@@ -6,6 +6,12 @@
 //               num_threads=0) -> (update, new_state)
 //   backward_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
 //                preprocess="none", preprocess_param=10.0, num_threads=0) -> (d_phi, d_grad, d_state)
+//   plan_shards(sizes, threads) -> [[(tensor, begin, end), ...], ...]   (how the TF op splits a multi-tensor step)
+//   phase_ticks_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
+//                   preprocess="none", preprocess_param=10.0, repeats=5)
+//       -> {"phases": [names], "forward": [ticks], "backward": [ticks], "tsc_hz": float}
+//       time-stamp-counter ticks per phase (lstm_step.h Phase) of one forward and one backward on this thread,
+//       the minimum over `repeats` runs of each phase (a benchmark mode; see experiments/bench_step.py)
 //   cuda_available() -> bool
 //
 // Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise); preprocess_param must lie in
@@ -16,6 +22,7 @@
 // thread count); every other output is independent of the thread count.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +30,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -178,6 +186,82 @@ py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::ar
   return py::make_tuple(d_phi, d_grad, d_state);
 }
 
+py::list plan_shards_py(const std::vector<int64_t>& sizes, int threads) {
+  for (int64_t n : sizes)
+    if (n < 0) throw py::value_error("sizes must be >= 0");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  py::list out;
+  for (const auto& shard : plan_shards(sizes.data(), int(sizes.size()), threads)) {
+    py::list slices;
+    for (const Slice& sl : shard) slices.append(py::make_tuple(sl.tensor, sl.begin, sl.end));
+    out.append(slices);
+  }
+  return out;
+}
+
+// Time-stamp-counter ticks per second, measured against the steady clock over ~20 ms.
+double tsc_hz() {
+  const auto t0 = std::chrono::steady_clock::now();
+#if defined(__x86_64__) || defined(__i386__)
+  const uint64_t c0 = __builtin_ia32_rdtsc();
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(20)) {
+  }
+  const uint64_t c1 = __builtin_ia32_rdtsc();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return double(c1 - c0) / s;
+#else
+  return 0.0;
+#endif
+}
+
+py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
+                         const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
+                         const std::string& preprocess, double preprocess_param, int repeats) {
+  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+  const float* phi_p = checked(phi, "phi", {cfg.num_params()});
+  const float* grad_p = checked(grad, "grad", {-1});
+  const int64_t n = grad.shape(0);
+  const float* state_p = checked(state, "state", {cfg.state_rows(), n});
+  const float* du_p = checked(d_update, "d_update", {n});
+  const float* dns_p = nullptr;
+  py::array dns_arr;
+  if (!d_new_state.is_none()) {
+    dns_arr = d_new_state.cast<py::array>();
+    dns_p = checked(dns_arr, "d_new_state", {cfg.state_rows(), n});
+  }
+  if (repeats < 1) throw py::value_error("repeats must be >= 1");
+  const float sc = checked_scale(scale);
+  py::array_t<float> update = aligned_array({n}), new_state = aligned_array({cfg.state_rows(), n});
+  py::array_t<float> d_grad = aligned_array({n}), d_state = aligned_array({cfg.state_rows(), n});
+  std::vector<float> d_phi(size_t(cfg.num_params()));
+  std::vector<uint64_t> fwd(kNumPhases, UINT64_MAX), bwd(kNumPhases, UINT64_MAX);
+  {
+    py::gil_scoped_release release;
+    for (int r = 0; r < repeats; ++r) {
+      PhaseCycles f, b;
+      PhaseCycles* previous = set_thread_phase_cycles(&f);
+      lstm_step_forward_cpu(cfg, phi_p, grad_p, state_p, sc, n, 0, n, update.mutable_data(),
+                            new_state.mutable_data());
+      set_thread_phase_cycles(&b);
+      lstm_step_backward_cpu(cfg, phi_p, grad_p, state_p, sc, n, 0, n, du_p, dns_p, d_phi.data(),
+                             d_grad.mutable_data(), d_state.mutable_data());
+      set_thread_phase_cycles(previous);
+      for (int p = 0; p < kNumPhases; ++p) {
+        fwd[p] = std::min(fwd[p], f.ticks[p]);
+        bwd[p] = std::min(bwd[p], b.ticks[p]);
+      }
+    }
+  }
+  py::list names;
+  for (int p = 0; p < kNumPhases; ++p) names.append(phase_name(p));
+  py::dict out;
+  out["phases"] = names;
+  out["forward"] = fwd;
+  out["backward"] = bwd;
+  out["tsc_hz"] = tsc_hz();
+  return out;
+}
+
 }  // namespace
 }  // namespace l2l
 
@@ -198,6 +282,15 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,
         py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
         "Backward of forward_cpu (d_new_state may be None) -> (d_phi [P], d_grad [N], d_state [S, N]).");
+  m.def("plan_shards", &l2l::plan_shards_py, py::arg("sizes"), py::arg("threads"),
+        "How a multi-tensor step over tensors of these sizes is split into shards for `threads` threads: a list of "
+        "shards, each a list of (tensor, begin, end).");
+  m.def("phase_ticks_cpu", &l2l::phase_ticks_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"),
+        py::arg("scale"), py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20,
+        py::arg("hidden2") = 20, py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0,
+        py::arg("repeats") = 5,
+        "Time-stamp-counter ticks per kernel phase of one forward and one backward on this thread (minimum over "
+        "repeats): {'phases', 'forward', 'backward', 'tsc_hz'}.");
   m.def(
       "cuda_available",
       []() {

@@ -3,17 +3,25 @@
 //   L2lLstmStep(phi [P], grad [N], state [S, N], scale []) -> (update [N], new_state [S, N])
 //   L2lLstmStepGrad(phi, grad, state, scale, d_update [N], d_new_state [S, N]) -> (d_phi [P], d_grad [N],
 //                                                                                  d_state [S, N])
+//   L2lLstmStepMulti(phi, grads: N x [N_i], states: N x [S, N_i], scale) -> (updates: N x [N_i],
+//                                                                           new_states: N x [S, N_i])
+//   L2lLstmStepMultiGrad(phi, grads, states, scale, d_updates: N x [N_i], d_new_states: N x ([S, N_i] or [0]))
+//       -> (d_phi [P], d_grads: N x [N_i], d_states: N x [S, N_i])
 //   attrs: hidden1, hidden2 (int >= 1), preprocess in {"none", "paper", "clamped"}, preprocess_param (float; in
-//   [0.001, 80] for "paper" and "clamped", see lstm_step.h).
+//   [0.001, 80] for "paper" and "clamped", see lstm_step.h); the Multi ops also N (>= 1).
+// The Multi ops step all of a rule's tensors in one call (one optimizer step): one launch, one split of all their
+// chunks over the threads, small tensors riding along with the big ones. In the Multi gradient a d_new_states
+// entry of shape [0] stands for zeros (a state not used further, e.g. after the last step of an unroll), so no
+// [S, N_i] zero tensor is made and read.
 //
 // float32 only. Every malformed input is an InvalidArgument error (shape functions at graph construction, the
 // kernels again at run time for shapes unknown until then), never a crash. The Python wrapper (l2l_tf/ops) checks
 // the same things first, with the messages the pure-TF reference gives. Non-finite gradients as in lstm_step.h:
 // +-inf act as +-FLT_MAX (d_grad 0 there), NaN propagates to the coordinate's update and state.
 //
-// CPU kernels: the work is split into shards of whole 256-coordinate chunks run on TF's intra-op thread pool.
-// The backward gives each shard its own d_phi buffer and sums them in shard order, so the result is
-// deterministic for a given thread-pool size. The forward reuses the state (and grad) buffers for its outputs
+// CPU kernels: the work is split into shards of whole 256-coordinate chunks (l2l::plan_shards: a multiple of the
+// threads, balanced by chunk cost) run on TF's intra-op thread pool. The backward gives each shard its own d_phi
+// buffer and sums them in shard order, so the result is deterministic for a given thread-pool size. The forward reuses the state (and grad) buffers for its outputs
 // when TF lets it (the CPU kernel reads every element before writing it), so a state that is not needed
 // afterwards is updated in place; the backward likewise reuses d_new_state and d_update.
 //
@@ -94,25 +102,56 @@ std::string ConfigString(const l2l::StepConfig& cfg) {
 }
 
 // ---- shape functions
-absl::Status CommonShapes(InferenceContext* c, const l2l::StepConfig& cfg, DimensionHandle* n_out,
-                          DimensionHandle* s_out) {
-  ShapeHandle phi, grad, state, scale;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &phi));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &grad));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &state));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &scale));
+absl::Status PhiScaleShapes(InferenceContext* c, const l2l::StepConfig& cfg, int phi_index, int scale_index) {
+  ShapeHandle phi, scale;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(phi_index), 1, &phi));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(scale_index), 0, &scale));
   DimensionHandle p;
   if (!c->WithValue(c->Dim(phi, 0), cfg.num_params(), &p).ok()) {
     return errors::InvalidArgument("phi must have ", cfg.num_params(), " elements for ", ConfigString(cfg),
                                    ", got shape ", c->DebugString(phi));
   }
+  return absl::OkStatus();
+}
+
+// grad [N] and state [S, N] at these input indices; `which` names the tensor in messages ("" or " i").
+absl::Status TensorShapes(InferenceContext* c, const l2l::StepConfig& cfg, int grad_index, int state_index,
+                          const std::string& which, DimensionHandle* n_out, DimensionHandle* s_out) {
+  ShapeHandle grad, state;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(grad_index), 1, &grad));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(state_index), 2, &state));
   if (!c->WithValue(c->Dim(state, 0), cfg.state_rows(), s_out).ok()) {
-    return errors::InvalidArgument("state must have ", cfg.state_rows(), " rows for ", ConfigString(cfg),
+    return errors::InvalidArgument("state", which, " must have ", cfg.state_rows(), " rows for ", ConfigString(cfg),
                                    ", got shape ", c->DebugString(state));
   }
   if (!c->Merge(c->Dim(grad, 0), c->Dim(state, 1), n_out).ok()) {
-    return errors::InvalidArgument("grad [N] and state [S, N] disagree on N: ", c->DebugString(grad), " vs ",
-                                   c->DebugString(state));
+    return errors::InvalidArgument("grad", which, " [N] and state", which, " [S, N] disagree on N: ",
+                                   c->DebugString(grad), " vs ", c->DebugString(state));
+  }
+  return absl::OkStatus();
+}
+
+// Upstream gradients of one tensor: d_update [N], d_new_state [S, N] (or [0] where `empty_dns_ok`).
+absl::Status UpstreamShapes(InferenceContext* c, int du_index, int dns_index, const std::string& which,
+                            bool empty_dns_ok, DimensionHandle* n, DimensionHandle* s) {
+  ShapeHandle du, dns;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(du_index), 1, &du));
+  if (!c->Merge(c->Dim(du, 0), *n, n).ok()) {
+    return errors::InvalidArgument("d_update", which, " must have shape [N] like grad", which, ", got ",
+                                   c->DebugString(du));
+  }
+  if (empty_dns_ok && c->Rank(c->input(dns_index)) == 1) {
+    DimensionHandle zero;
+    if (!c->WithValue(c->Dim(c->input(dns_index), 0), 0, &zero).ok()) {
+      return errors::InvalidArgument("d_new_state", which, " must have shape [S, N] or [0], got ",
+                                     c->DebugString(c->input(dns_index)));
+    }
+    return absl::OkStatus();
+  }
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(dns_index), 2, &dns));
+  if (!c->Merge(c->Dim(dns, 0), *s, s).ok() || !c->Merge(c->Dim(dns, 1), *n, n).ok()) {
+    return errors::InvalidArgument("d_new_state", which, " must have the shape [S, N] of state", which, ", got ",
+                                   c->DebugString(dns));
   }
   return absl::OkStatus();
 }
@@ -120,8 +159,9 @@ absl::Status CommonShapes(InferenceContext* c, const l2l::StepConfig& cfg, Dimen
 absl::Status StepShape(InferenceContext* c) {
   l2l::StepConfig cfg;
   TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
+  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 3));
   DimensionHandle n, s;
-  TF_RETURN_IF_ERROR(CommonShapes(c, cfg, &n, &s));
+  TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1, 2, "", &n, &s));
   c->set_output(0, c->Vector(n));
   c->set_output(1, c->Matrix(s, n));
   return absl::OkStatus();
@@ -130,20 +170,50 @@ absl::Status StepShape(InferenceContext* c) {
 absl::Status StepGradShape(InferenceContext* c) {
   l2l::StepConfig cfg;
   TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
+  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 3));
   DimensionHandle n, s;
-  TF_RETURN_IF_ERROR(CommonShapes(c, cfg, &n, &s));
-  ShapeHandle du, dns;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 1, &du));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(5), 2, &dns));
-  if (!c->Merge(c->Dim(du, 0), n, &n).ok()) {
-    return errors::InvalidArgument("d_update must have shape [N] like grad, got ", c->DebugString(du));
-  }
-  if (!c->Merge(c->Dim(dns, 0), s, &s).ok() || !c->Merge(c->Dim(dns, 1), n, &n).ok()) {
-    return errors::InvalidArgument("d_new_state must have the shape [S, N] of state, got ", c->DebugString(dns));
-  }
+  TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1, 2, "", &n, &s));
+  TF_RETURN_IF_ERROR(UpstreamShapes(c, 4, 5, "", false, &n, &s));
   c->set_output(0, c->Vector(cfg.num_params()));
   c->set_output(1, c->Vector(n));
   c->set_output(2, c->Matrix(s, n));
+  return absl::OkStatus();
+}
+
+// Input layout of the Multi ops: phi 0, grads 1..N, states N+1..2N, scale 2N+1, then (gradient op) d_updates
+// 2N+2..3N+1, d_new_states 3N+2..4N+1.
+absl::Status StepMultiShape(InferenceContext* c) {
+  l2l::StepConfig cfg;
+  TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
+  int64_t count = 0;
+  TF_RETURN_IF_ERROR(c->GetAttr("N", &count));
+  const int N = int(count);
+  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 2 * N + 1));
+  for (int i = 0; i < N; ++i) {
+    DimensionHandle n, s;
+    TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1 + i, 1 + N + i, " " + std::to_string(i), &n, &s));
+    c->set_output(i, c->Vector(n));
+    c->set_output(N + i, c->Matrix(s, n));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StepMultiGradShape(InferenceContext* c) {
+  l2l::StepConfig cfg;
+  TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
+  int64_t count = 0;
+  TF_RETURN_IF_ERROR(c->GetAttr("N", &count));
+  const int N = int(count);
+  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 2 * N + 1));
+  c->set_output(0, c->Vector(cfg.num_params()));
+  for (int i = 0; i < N; ++i) {
+    const std::string which = " " + std::to_string(i);
+    DimensionHandle n, s;
+    TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1 + i, 1 + N + i, which, &n, &s));
+    TF_RETURN_IF_ERROR(UpstreamShapes(c, 2 * N + 2 + i, 3 * N + 2 + i, which, true, &n, &s));
+    c->set_output(1 + i, c->Vector(n));
+    c->set_output(1 + N + i, c->Matrix(s, n));
+  }
   return absl::OkStatus();
 }
 
@@ -176,25 +246,43 @@ REGISTER_OP("L2lLstmStepGrad")
     .Attr("preprocess_param: float = 10.0")
     .SetShapeFn(StepGradShape);
 
+REGISTER_OP("L2lLstmStepMulti")
+    .Input("phi: float")
+    .Input("grads: N * float")
+    .Input("states: N * float")
+    .Input("scale: float")
+    .Output("updates: N * float")
+    .Output("new_states: N * float")
+    .Attr("N: int >= 1")
+    .Attr("hidden1: int = 20")
+    .Attr("hidden2: int = 20")
+    .Attr("preprocess: string = 'none'")
+    .Attr("preprocess_param: float = 10.0")
+    .SetShapeFn(StepMultiShape);
+
+REGISTER_OP("L2lLstmStepMultiGrad")
+    .Input("phi: float")
+    .Input("grads: N * float")
+    .Input("states: N * float")
+    .Input("scale: float")
+    .Input("d_updates: N * float")
+    .Input("d_new_states: N * float")
+    .Output("d_phi: float")
+    .Output("d_grads: N * float")
+    .Output("d_states: N * float")
+    .Attr("N: int >= 1")
+    .Attr("hidden1: int = 20")
+    .Attr("hidden2: int = 20")
+    .Attr("preprocess: string = 'none'")
+    .Attr("preprocess_param: float = 10.0")
+    .SetShapeFn(StepMultiGradShape);
+
 // ---- run-time validation (shapes may be unknown at graph construction)
-absl::Status ValidateInputs(const l2l::StepConfig& cfg, OpKernelContext* ctx, bool grad_op, int64_t* n_out,
-                            float* scale_out, bool scale_on_host) {
-  const Tensor& phi = ctx->input(0);
-  const Tensor& grad = ctx->input(1);
-  const Tensor& state = ctx->input(2);
-  const Tensor& scale = ctx->input(3);
+absl::Status ValidatePhiScale(const l2l::StepConfig& cfg, const Tensor& phi, const Tensor& scale, bool scale_on_host,
+                              float* scale_out) {
   if (!TensorShapeUtils::IsVector(phi.shape()) || phi.dim_size(0) != cfg.num_params()) {
     return errors::InvalidArgument("phi must have shape [", cfg.num_params(), "] for ", ConfigString(cfg),
                                    ", got ", phi.shape().DebugString());
-  }
-  if (!TensorShapeUtils::IsVector(grad.shape())) {
-    return errors::InvalidArgument("grad must be a vector [N], got shape ", grad.shape().DebugString());
-  }
-  const int64_t n = grad.dim_size(0);
-  if (!TensorShapeUtils::IsMatrix(state.shape()) || state.dim_size(0) != cfg.state_rows() ||
-      state.dim_size(1) != n) {
-    return errors::InvalidArgument("state must have shape [", cfg.state_rows(), ", ", n,
-                                   "] (S = 2*(hidden1+hidden2), N = len(grad)), got ", state.shape().DebugString());
   }
   if (!TensorShapeUtils::IsScalar(scale.shape())) {
     return errors::InvalidArgument("scale must be a scalar, got shape ", scale.shape().DebugString());
@@ -204,53 +292,90 @@ absl::Status ValidateInputs(const l2l::StepConfig& cfg, OpKernelContext* ctx, bo
     if (!std::isfinite(s)) return errors::InvalidArgument("scale must be finite, got ", s);
     *scale_out = s;
   }
-  if (grad_op) {
-    const Tensor& du = ctx->input(4);
-    const Tensor& dns = ctx->input(5);
-    if (!TensorShapeUtils::IsVector(du.shape()) || du.dim_size(0) != n) {
-      return errors::InvalidArgument("d_update must have shape [", n, "], got ", du.shape().DebugString());
-    }
-    if (dns.shape() != state.shape()) {
-      return errors::InvalidArgument("d_new_state must have shape ", state.shape().DebugString(), ", got ",
-                                     dns.shape().DebugString());
-    }
+  return absl::OkStatus();
+}
+
+// One tensor's grad [N] and state [S, N], and (gradient ops) d_update [N] and d_new_state [S, N] (or [0] where
+// `empty_dns_ok`: zeros). `which` names the tensor in messages ("" or " i").
+absl::Status ValidateTensor(const l2l::StepConfig& cfg, const Tensor& grad, const Tensor& state, const Tensor* du,
+                            const Tensor* dns, bool empty_dns_ok, const std::string& which) {
+  if (!TensorShapeUtils::IsVector(grad.shape())) {
+    return errors::InvalidArgument("grad", which, " must be a vector [N], got shape ", grad.shape().DebugString());
   }
-  *n_out = n;
+  const int64_t n = grad.dim_size(0);
+  if (!TensorShapeUtils::IsMatrix(state.shape()) || state.dim_size(0) != cfg.state_rows() ||
+      state.dim_size(1) != n) {
+    return errors::InvalidArgument("state", which, " must have shape [", cfg.state_rows(), ", ", n,
+                                   "] (S = 2*(hidden1+hidden2), N = len(grad)), got ", state.shape().DebugString());
+  }
+  if (du && (!TensorShapeUtils::IsVector(du->shape()) || du->dim_size(0) != n)) {
+    return errors::InvalidArgument("d_update", which, " must have shape [", n, "], got ", du->shape().DebugString());
+  }
+  if (dns && dns->shape() != state.shape() &&
+      !(empty_dns_ok && dns->dims() == 1 && dns->dim_size(0) == 0)) {
+    return errors::InvalidArgument("d_new_state", which, " must have shape ", state.shape().DebugString(),
+                                   empty_dns_ok ? " or [0]" : "", ", got ", dns->shape().DebugString());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateInputs(const l2l::StepConfig& cfg, OpKernelContext* ctx, bool grad_op, int64_t* n_out,
+                            float* scale_out, bool scale_on_host) {
+  TF_RETURN_IF_ERROR(ValidatePhiScale(cfg, ctx->input(0), ctx->input(3), scale_on_host, scale_out));
+  TF_RETURN_IF_ERROR(ValidateTensor(cfg, ctx->input(1), ctx->input(2), grad_op ? &ctx->input(4) : nullptr,
+                                    grad_op ? &ctx->input(5) : nullptr, false, ""));
+  *n_out = ctx->input(1).dim_size(0);
   return absl::OkStatus();
 }
 
 // ---- CPU
-constexpr int64_t kUnit = 256;          // shard boundaries are multiples of the kernels' chunk
-constexpr int64_t kMinUnitsPerShard = 16;
-
-struct Sharding {
-  int64_t n, units;
-  int shards;
-  int64_t begin(int s) const { return std::min(n, units * s / shards * kUnit); }
-  int64_t end(int s) const { return std::min(n, units * (s + 1) / shards * kUnit); }
-};
-
-Sharding MakeSharding(OpKernelContext* ctx, int64_t n) {
-  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  const int64_t units = (n + kUnit - 1) / kUnit;
-  // A few shards per thread balance the load when other work shares the cores.
-  const int64_t want = std::max<int64_t>(1, 4LL * std::max(1, workers->num_threads));
-  const int shards = int(std::max<int64_t>(1, std::min(want, units / kMinUnitsPerShard)));
-  return Sharding{n, units, shards};
-}
-
+// Runs fn(shard) for every shard on TF's intra-op pool.
 template <class Fn>
-void RunShards(OpKernelContext* ctx, const Sharding& sh, Fn fn) {
-  if (sh.shards == 1) {
+void RunShards(OpKernelContext* ctx, int shards, Fn fn) {
+  if (shards == 1) {
     fn(0);
     return;
   }
   const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
   // A cost per shard this large makes the pool run every shard as its own task.
   const int64_t cost_per_shard = 1LL << 40;
-  workers->workers->ParallelFor(sh.shards, cost_per_shard, [&](int64_t first, int64_t last) {
+  workers->workers->ParallelFor(shards, cost_per_shard, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) fn(int(s));
   });
+}
+
+std::vector<std::vector<l2l::Slice>> PlanShards(OpKernelContext* ctx, const std::vector<l2l::TensorArgs>& tensors) {
+  std::vector<int64_t> sizes;
+  for (const auto& t : tensors) sizes.push_back(t.n);
+  const int threads = std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads);
+  return l2l::plan_shards(sizes.data(), int(sizes.size()), threads);
+}
+
+void ForwardCpu(OpKernelContext* ctx, const l2l::StepConfig& cfg, const float* phi, float scale,
+                const std::vector<l2l::TensorArgs>& tensors) {
+  const auto shards = PlanShards(ctx, tensors);
+  RunShards(ctx, int(shards.size()), [&](int s) {
+    l2l::lstm_step_forward_cpu_slices(cfg, phi, scale, tensors.data(), shards[s].data(), int(shards[s].size()));
+  });
+}
+
+// d_phi (num_params floats) is written: shard 0 accumulates into it (zeroed here), the others into their own
+// buffers, added in shard order (deterministic for a given thread-pool size).
+void BackwardCpu(OpKernelContext* ctx, const l2l::StepConfig& cfg, const float* phi, float scale,
+                 const std::vector<l2l::TensorArgs>& tensors, float* d_phi) {
+  const int64_t P = cfg.num_params();
+  std::fill(d_phi, d_phi + P, 0.0f);
+  const auto shards = PlanShards(ctx, tensors);
+  if (shards.empty()) return;
+  std::vector<float> partial(size_t(shards.size() - 1) * size_t(P), 0.0f);
+  RunShards(ctx, int(shards.size()), [&](int s) {
+    float* buf = s == 0 ? d_phi : partial.data() + size_t(s - 1) * P;
+    l2l::lstm_step_backward_cpu_slices(cfg, phi, scale, tensors.data(), shards[s].data(), int(shards[s].size()), buf);
+  });
+  for (size_t s = 1; s < shards.size(); ++s) {
+    const float* buf = partial.data() + (s - 1) * P;
+    for (int64_t i = 0; i < P; ++i) d_phi[i] += buf[i];
+  }
 }
 
 class LstmStepCpuOp : public OpKernel {
@@ -268,15 +393,13 @@ class LstmStepCpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, grad.shape(), &update));
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 1, state.shape(), &new_state));
     if (n == 0) return;
-    const float* phi_p = ctx->input(0).flat<float>().data();
-    const float* grad_p = grad.flat<float>().data();
-    const float* state_p = state.flat<float>().data();
-    float* up = update->flat<float>().data();
-    float* ns = new_state->flat<float>().data();
-    const Sharding sh = MakeSharding(ctx, n);
-    RunShards(ctx, sh, [&](int s) {
-      l2l::lstm_step_forward_cpu(cfg_, phi_p, grad_p, state_p, scale, n, sh.begin(s), sh.end(s), up, ns);
-    });
+    l2l::TensorArgs t;
+    t.grad = grad.flat<float>().data();
+    t.state = state.flat<float>().data();
+    t.n = n;
+    t.update = update->flat<float>().data();
+    t.new_state = new_state->flat<float>().data();
+    ForwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, {t});
   }
 
  private:
@@ -293,43 +416,120 @@ class LstmStepGradCpuOp : public OpKernel {
     int64_t n = 0;
     float scale = 0.0f;
     OP_REQUIRES_OK(ctx, ValidateInputs(cfg_, ctx, true, &n, &scale, true));
-    const int64_t P = cfg_.num_params();
     Tensor* d_phi = nullptr;
     Tensor* d_grad = nullptr;
     Tensor* d_state = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({P}), &d_phi));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({cfg_.num_params()}), &d_phi));
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({4}, 1, ctx->input(1).shape(), &d_grad));
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 2, ctx->input(2).shape(), &d_state));
-    float* dphi_p = d_phi->flat<float>().data();
-    std::fill(dphi_p, dphi_p + P, 0.0f);
-    if (n == 0) return;
-    const float* phi_p = ctx->input(0).flat<float>().data();
-    const float* grad_p = ctx->input(1).flat<float>().data();
-    const float* state_p = ctx->input(2).flat<float>().data();
-    const float* du_p = ctx->input(4).flat<float>().data();
-    const float* dns_p = ctx->input(5).flat<float>().data();
-    float* dg_p = d_grad->flat<float>().data();
-    float* ds_p = d_state->flat<float>().data();
-    const Sharding sh = MakeSharding(ctx, n);
-    // Shard 0 accumulates straight into d_phi; the others into their own buffers, added in order below.
-    std::vector<float> partial(size_t(sh.shards - 1) * size_t(P), 0.0f);
-    RunShards(ctx, sh, [&](int s) {
-      float* buf = s == 0 ? dphi_p : partial.data() + size_t(s - 1) * P;
-      l2l::lstm_step_backward_cpu(cfg_, phi_p, grad_p, state_p, scale, n, sh.begin(s), sh.end(s), du_p, dns_p, buf,
-                                  dg_p, ds_p);
-    });
-    for (int s = 1; s < sh.shards; ++s) {
-      const float* buf = partial.data() + size_t(s - 1) * P;
-      for (int64_t i = 0; i < P; ++i) dphi_p[i] += buf[i];
+    std::vector<l2l::TensorArgs> tensors;
+    if (n > 0) {
+      l2l::TensorArgs t;
+      t.grad = ctx->input(1).flat<float>().data();
+      t.state = ctx->input(2).flat<float>().data();
+      t.n = n;
+      t.d_update = ctx->input(4).flat<float>().data();
+      t.d_new_state = ctx->input(5).flat<float>().data();
+      t.d_grad = d_grad->flat<float>().data();
+      t.d_state = d_state->flat<float>().data();
+      tensors.push_back(t);
     }
+    BackwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors, d_phi->flat<float>().data());
   }
 
  private:
   l2l::StepConfig cfg_;
 };
 
+class LstmStepMultiCpuOp : public OpKernel {
+ public:
+  explicit LstmStepMultiCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int N = count_;
+    float scale = 0.0f;
+    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
+    std::vector<l2l::TensorArgs> tensors;
+    for (int i = 0; i < N; ++i) {
+      const Tensor& grad = ctx->input(1 + i);
+      const Tensor& state = ctx->input(1 + N + i);
+      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, nullptr, nullptr, false, " " + std::to_string(i)));
+      Tensor* update = nullptr;
+      Tensor* new_state = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1 + i}, i, grad.shape(), &update));
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1 + N + i}, N + i, state.shape(), &new_state));
+      if (grad.dim_size(0) == 0) continue;
+      l2l::TensorArgs t;
+      t.grad = grad.flat<float>().data();
+      t.state = state.flat<float>().data();
+      t.n = grad.dim_size(0);
+      t.update = update->flat<float>().data();
+      t.new_state = new_state->flat<float>().data();
+      tensors.push_back(t);
+    }
+    if (!tensors.empty()) ForwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors);
+  }
+
+ private:
+  l2l::StepConfig cfg_;
+  int count_ = 0;
+};
+
+class LstmStepMultiGradCpuOp : public OpKernel {
+ public:
+  explicit LstmStepMultiGradCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int N = count_;
+    float scale = 0.0f;
+    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
+    Tensor* d_phi = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({cfg_.num_params()}), &d_phi));
+    std::vector<l2l::TensorArgs> tensors;
+    for (int i = 0; i < N; ++i) {
+      const Tensor& grad = ctx->input(1 + i);
+      const Tensor& state = ctx->input(1 + N + i);
+      const Tensor& du = ctx->input(2 * N + 2 + i);
+      const Tensor& dns = ctx->input(3 * N + 2 + i);
+      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, &du, &dns, true, " " + std::to_string(i)));
+      const bool zero_dns = dns.shape() != state.shape();  // the [0] stand-in for zeros
+      Tensor* d_grad = nullptr;
+      Tensor* d_state = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2 * N + 2 + i}, 1 + i, grad.shape(), &d_grad));
+      if (zero_dns) {
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + N + i, state.shape(), &d_state));
+      } else {
+        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({3 * N + 2 + i}, 1 + N + i, state.shape(), &d_state));
+      }
+      if (grad.dim_size(0) == 0) continue;
+      l2l::TensorArgs t;
+      t.grad = grad.flat<float>().data();
+      t.state = state.flat<float>().data();
+      t.n = grad.dim_size(0);
+      t.d_update = du.flat<float>().data();
+      t.d_new_state = zero_dns ? nullptr : dns.flat<float>().data();
+      t.d_grad = d_grad->flat<float>().data();
+      t.d_state = d_state->flat<float>().data();
+      tensors.push_back(t);
+    }
+    BackwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors, d_phi->flat<float>().data());
+  }
+
+ private:
+  l2l::StepConfig cfg_;
+  int count_ = 0;
+};
+
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_CPU), LstmStepCpuOp);
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStepGrad").Device(DEVICE_CPU), LstmStepGradCpuOp);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMulti").Device(DEVICE_CPU), LstmStepMultiCpuOp);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMultiGrad").Device(DEVICE_CPU), LstmStepMultiGradCpuOp);
 
 // ---- GPU
 #if GOOGLE_CUDA
@@ -398,7 +598,91 @@ class LstmStepGradGpuOp : public OpKernel {
   l2l::StepConfig cfg_;
 };
 
+// Multi ops on the GPU: one kernel launch per tensor (a launch costs microseconds there); the per-tensor d_phi are
+// added on the op's stream.
+class LstmStepMultiGpuOp : public OpKernel {
+ public:
+  explicit LstmStepMultiGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int N = count_;
+    float scale = 0.0f;
+    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
+    const l2l::GpuMath math =
+        tsl::tensor_float_32_execution_enabled() ? l2l::GpuMath::kTF32 : l2l::GpuMath::kFP32;
+    for (int i = 0; i < N; ++i) {
+      const Tensor& grad = ctx->input(1 + i);
+      const Tensor& state = ctx->input(1 + N + i);
+      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, nullptr, nullptr, false, " " + std::to_string(i)));
+      Tensor* update = nullptr;
+      Tensor* new_state = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, grad.shape(), &update));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(N + i, state.shape(), &new_state));
+      if (grad.dim_size(0) == 0) continue;
+      const char* err = l2l::lstm_step_forward_cuda(cfg_, math, ctx->input(0).flat<float>().data(),
+                                                    grad.flat<float>().data(), state.flat<float>().data(), scale,
+                                                    grad.dim_size(0), update->flat<float>().data(),
+                                                    new_state->flat<float>().data(), OpStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepMulti CUDA kernel: ", err ? err : ""));
+    }
+  }
+
+ private:
+  l2l::StepConfig cfg_;
+  int count_ = 0;
+};
+
+class LstmStepMultiGradGpuOp : public OpKernel {
+ public:
+  explicit LstmStepMultiGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int N = count_;
+    const int64_t P = cfg_.num_params();
+    float scale = 0.0f;
+    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
+    Tensor* d_phi = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({P}), &d_phi));
+    ctx->eigen_device<Eigen::GpuDevice>().memset(d_phi->flat<float>().data(), 0, sizeof(float) * P);
+    Tensor part;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({P}), &part));
+    for (int i = 0; i < N; ++i) {
+      const Tensor& grad = ctx->input(1 + i);
+      const Tensor& state = ctx->input(1 + N + i);
+      const Tensor& du = ctx->input(2 * N + 2 + i);
+      const Tensor& dns = ctx->input(3 * N + 2 + i);
+      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, &du, &dns, true, " " + std::to_string(i)));
+      Tensor* d_grad = nullptr;
+      Tensor* d_state = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + i, grad.shape(), &d_grad));
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + N + i, state.shape(), &d_state));
+      if (grad.dim_size(0) == 0) continue;
+      const float* dns_p = dns.shape() == state.shape() ? dns.flat<float>().data() : nullptr;
+      const char* err = l2l::lstm_step_backward_cuda(
+          cfg_, ctx->input(0).flat<float>().data(), grad.flat<float>().data(), state.flat<float>().data(), scale,
+          grad.dim_size(0), du.flat<float>().data(), dns_p, part.flat<float>().data(), d_grad->flat<float>().data(),
+          d_state->flat<float>().data(), OpStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepMultiGrad CUDA kernel: ", err ? err : ""));
+      err = l2l::add_inplace_cuda(d_phi->flat<float>().data(), part.flat<float>().data(), P, OpStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepMultiGrad CUDA kernel: ", err ? err : ""));
+    }
+  }
+
+ private:
+  l2l::StepConfig cfg_;
+  int count_ = 0;
+};
+
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGpuOp);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMulti").Device(DEVICE_GPU).HostMemory("scale"), LstmStepMultiGpuOp);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMultiGrad").Device(DEVICE_GPU).HostMemory("scale"),
+                        LstmStepMultiGradGpuOp);
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStepGrad").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGradGpuOp);
 #endif  // GOOGLE_CUDA
 

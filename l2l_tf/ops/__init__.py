@@ -108,10 +108,9 @@ def lstm_steps(phi, grads, states, scale, config: StepConfig, implementation="au
     """
     if resolve_implementation(implementation) == "fused":
         flat = flat_phi(phi, config)
-        results = [fused.lstm_step(flat, g, s, scale, config) for g, s in zip(grads, states)]
-    else:
-        check_phi_tree(phi, config)
-        results = [reference.lstm_step(phi, g, s, scale, config) for g, s in zip(grads, states)]
+        return fused.lstm_steps(flat, grads, states, scale, config)  # one op call for all the tensors
+    check_phi_tree(phi, config)
+    results = [reference.lstm_step(phi, g, s, scale, config) for g, s in zip(grads, states)]
     return [u for u, _ in results], [s for _, s in results]
 
 

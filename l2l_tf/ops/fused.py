@@ -109,6 +109,27 @@ def lstm_step(phi, grad, state, scale, config: StepConfig):
                                 preprocess=config.preprocess, preprocess_param=config.preprocess_param)
 
 
+def lstm_steps(phi, grads, states, scale, config: StepConfig):
+    """One step of every tensor with one call of the fused op (`L2lLstmStepMulti`): phi [P], grads [N_i], states
+    [S, N_i], scale → (updates, new_states). One launch and one split of all the tensors' chunks over the threads, so
+    a 10-coordinate bias rides along with the 15,680-coordinate kernel instead of paying a call of its own."""
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
+    checked = [validate_step_inputs(g, s, scale, config) for g, s in zip(grads, states)]
+    if not checked:
+        return [], []
+    grads, states, scale = [g for g, _, _ in checked], [s for _, s, _ in checked], checked[0][2]
+    phi = as_float32(phi, "phi", 1)
+    p = phi.shape[0] if phi.shape.rank is not None else None
+    if p is not None and p != config.num_params:
+        raise ValueError(f"lstm_step: phi must have {config.num_params} elements for {config}, got {p}")
+    updates, new_states = module.l2l_lstm_step_multi(
+        phi, grads, states, scale, hidden1=config.hidden1, hidden2=config.hidden2, preprocess=config.preprocess,
+        preprocess_param=config.preprocess_param)
+    return list(updates), list(new_states)
+
+
 def _lstm_step_grad(op, d_update, d_new_state):
     module = _load()
     if module is None:  # only reachable if an op was built from another copy of the library
@@ -125,7 +146,25 @@ def _lstm_step_grad(op, d_update, d_new_state):
     return [d_phi, d_grad, d_state, None]  # no gradient to scale
 
 
-try:
-    tf.RegisterGradient("L2lLstmStep")(_lstm_step_grad)
-except KeyError:  # already registered (module reloaded)
-    pass
+def _lstm_step_multi_grad(op, *upstream):
+    module = _load()
+    if module is None:  # only reachable if an op was built from another copy of the library
+        raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
+    count = op.get_attr("N")
+    phi, grads, states, scale = op.inputs[0], op.inputs[1:1 + count], op.inputs[1 + count:1 + 2 * count], op.inputs[-1]
+    d_updates = [tf.zeros_like(g) if d is None else d for g, d in zip(grads, upstream[:count])]
+    # A state whose new value is not used further (the last step of an unroll) has no upstream gradient: the op
+    # takes an empty [0] tensor for its zeros instead of an [S, N] one.
+    d_new_states = [tf.zeros([0], tf.float32) if d is None else d for d in upstream[count:]]
+    d_phi, d_grads, d_states = module.l2l_lstm_step_multi_grad(
+        phi, grads, states, scale, d_updates, d_new_states, hidden1=op.get_attr("hidden1"),
+        hidden2=op.get_attr("hidden2"), preprocess=op.get_attr("preprocess"),
+        preprocess_param=op.get_attr("preprocess_param"))
+    return [d_phi, *d_grads, *d_states, None]  # no gradient to scale
+
+
+for _op_name, _grad_fn in (("L2lLstmStep", _lstm_step_grad), ("L2lLstmStepMulti", _lstm_step_multi_grad)):
+    try:
+        tf.RegisterGradient(_op_name)(_grad_fn)
+    except KeyError:  # already registered (module reloaded)
+        pass
