@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from l2l_tf import baselines, datasets, evaluation, reporting
 from l2l_tf.datasets import mnist as mnist_data
@@ -154,6 +155,44 @@ def test_mlp_architecture_and_init():
     big_seed = build_mlp(seed=seeds_for("test", 1)[0])       # problem seeds exceed 2**31
     assert not np.array_equal(big_seed.trainable_variables[0].numpy(), model.trainable_variables[0].numpy())
     assert model.layers[0].activation.__name__ == "sigmoid"
+
+
+@pytest.mark.parametrize("name", ["base", "layers2"])
+def test_mlp_problems_are_sampled_without_building_models(name):
+    """mnist_families draws θ_0 with mlp_initial_values (what build_mlp assigns): bit for bit the model of the same
+    seed, the same data and fingerprint as the family that builds a model per problem, and model_fn unused."""
+    from l2l_tf.problems import KerasModelFamily
+    from l2l_tf.problems.mnist import cross_entropy, mlp_initial_values_fn, mlp_model_fn
+
+    setting = SETTINGS[name]
+    splits = _small_splits()
+    family = mnist_families(splits, setting["hidden"], setting["activation"], batch_size=16,
+                            examples_per_problem=32)["test"]
+    built = KerasModelFamily(mlp_model_fn(setting["hidden"], setting["activation"]), splits["test"], cross_entropy(),
+                             batch_size=16, examples_per_problem=32)  # the family as it was: a model per problem
+    assert family.describe() == built.describe()  # checkpoint fingerprints unchanged
+    for seed in (0, 5, seeds_for("test", 1)[0]):
+        problem, reference = family.sample(seed), built.sample(seed)
+        model = build_mlp(setting["hidden"], setting["activation"], seed=seed)
+        assert len(problem.params) == len(model.trainable_variables) and problem.extra == ()
+        for p, v in zip(problem.params, model.trainable_variables):
+            assert p.dtype == v.dtype and tuple(p.shape) == tuple(v.shape)
+            np.testing.assert_array_equal(p.numpy(), v.numpy())
+        for a, b in zip(tf.nest.flatten(problem), tf.nest.flatten(reference)):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    calls = []
+
+    def counting_model_fn(seed):
+        calls.append(seed)
+        return build_mlp(setting["hidden"], setting["activation"], seed=seed)
+
+    counted = KerasModelFamily(counting_model_fn, splits["test"], cross_entropy(), batch_size=16,
+                               initial_values_fn=mlp_initial_values_fn(setting["hidden"]))
+    assert calls == [0]  # the template
+    for seed in (1, 2, 3):
+        counted.sample(seed)
+    assert calls == [0]
 
 
 def _small_splits():

@@ -128,3 +128,38 @@ def test_cifar_convnet_architecture_seeding_and_batch_norm_state():
     assert np.isfinite(float(loss))
     moved = [not np.allclose(a.numpy(), b.numpy()) for a, b in zip(problem.extra, extra)]
     assert all(moved), "training-mode steps update every moving statistic"
+
+
+def test_initial_values_fn_replaces_model_fn_when_sampling_and_is_checked():
+    """initial_values_fn(seed) gives θ_0 (and optionally the non-trainable values) without a model per problem; a
+    result whose count, shape or dtype differs from the template's variables is refused, naming the variable."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 3, 20)
+    model_fn = lambda seed: mlp(seed, batch_norm=True)
+    trainable = lambda seed: [v.numpy() for v in model_fn(seed).trainable_variables]
+    family = KerasModelFamily(model_fn, (x, y), "mse", initial_values_fn=lambda seed: (trainable(seed), None))
+    built = KerasModelFamily(model_fn, (x, y), "mse")
+    assert family.describe() == built.describe()
+    problem, reference = family.sample(4), built.sample(4)
+    assert len(problem.extra) == 2  # None: the template's batch-norm moving statistics
+    for a, b in zip(tf.nest.flatten(problem), tf.nest.flatten(reference)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    def family_with(values_fn):
+        return KerasModelFamily(model_fn, (x, y), "mse", initial_values_fn=values_fn)
+
+    kernel = r"trainable value for \S+/dense_\d+/kernel has"  # the variable's path (Keras numbers the layers)
+    with pytest.raises(ValueError, match=kernel + r" shape \(6, 4\) and dtype float32; .* shape \(6, 5\)"):
+        family_with(lambda seed: ([np.zeros((6, 4), np.float32)] + trainable(seed)[1:], None))
+    with pytest.raises(ValueError, match=kernel + " shape \\(6, 5\\) and dtype float64"):
+        family_with(lambda seed: ([np.zeros((6, 5))] + trainable(seed)[1:], None))
+    with pytest.raises(ValueError, match="gave 1 non-trainable values, the model has 2"):
+        family_with(lambda seed: (trainable(seed), [np.zeros(5, np.float32)]))
+    with pytest.raises(ValueError, match="must return"):
+        family_with(lambda seed: trainable(seed))
+    with pytest.raises(ValueError, match="other values"):  # must agree with model_fn: describe() checksums seed 0
+        family_with(lambda seed: (trainable(seed + 1), None))
+    # checked at every draw, not only at construction
+    shrinking = family_with(lambda seed: (trainable(seed) if seed == 0 else trainable(seed)[:-1], None))
+    with pytest.raises(ValueError, match="gave 5 trainable values, the model has 6"):
+        shrinking.sample(1)

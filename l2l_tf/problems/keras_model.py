@@ -18,8 +18,9 @@ class KerasModelFamily(ProblemFamily):
     the stateless RNG seeded by (problem seed, step), so every optimizer sees the same minibatches.
 
     Args:
-        model_fn: `model_fn(seed) -> keras.Model`, a built model whose initial weights come from `seed`. It is
-            called once per sampled problem; the model from `model_fn(0)` serves as the template for evaluation.
+        model_fn: `model_fn(seed) -> keras.Model`, a built model whose initial weights come from `seed`. The model
+            from `model_fn(0)` serves as the template for evaluation; without `initial_values_fn`, `model_fn` is
+            also called once per sampled problem.
         data: a `tf.data.Dataset` of (x, y) pairs (unbatched, or batched: it is unbatched), or a tuple (x, y) of
             arrays. It is read into memory once (at most `max_examples` examples).
         loss_fn: a Keras loss (object, function or name such as "sparse_categorical_crossentropy") of (y, y_pred).
@@ -28,15 +29,30 @@ class KerasModelFamily(ProblemFamily):
         examples_per_problem: each problem trains on its own random subset of this many examples, drawn by its
             seed (None: every problem uses all of them). Lets problems drawn from data splits of different sizes
             come from one distribution (the same data-set size), as learning to learn assumes.
+        initial_values_fn: optional `initial_values_fn(seed) -> (trainable values, non-trainable values or None)`,
+            the initial values (arrays or tensors, in the order of the model's variables) of the model that
+            `model_fn(seed)` builds, without building it: problems are then sampled without a Keras model each.
+            None for the non-trainable values takes the template's (those of `model_fn(0)`). Shapes and dtypes
+            must be the template's; `initial_values_fn(0)` must give exactly the template's values (checked here:
+            `describe()` fingerprints the family by them).
     """
 
-    def __init__(self, model_fn, data, loss_fn, batch_size=128, max_examples=None, examples_per_problem=None):
+    def __init__(self, model_fn, data, loss_fn, batch_size=128, max_examples=None, examples_per_problem=None,
+                 initial_values_fn=None):
         import keras
 
         self.model_fn = model_fn
         self.model = model_fn(0)
         if not self.model.built:
             raise ValueError("model_fn must return a built model (call it on an input or give an Input layer)")
+        self.initial_values_fn = initial_values_fn
+        if initial_values_fn is not None:
+            params, extra = self._initial_values(0)
+            for variable, value in zip(self.model.trainable_variables + self.model.non_trainable_variables,
+                                       params + extra):
+                if not np.array_equal(variable.numpy(), value.numpy()):
+                    raise ValueError(f"initial_values_fn(0) gives other values for {variable.path} than the model "
+                                     "of model_fn(0): the two must draw the same initial values from a seed")
         self.loss_fn = keras.losses.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
         self.batch_size = int(batch_size)
         self.x, self.y = _materialize(data, max_examples)
@@ -49,10 +65,13 @@ class KerasModelFamily(ProblemFamily):
         self.examples_per_problem = None if examples_per_problem is None else int(examples_per_problem)
 
     def sample(self, seed):
-        model = self.model_fn(seed)
-        params = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.trainable_variables)
-        extra = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.non_trainable_variables)
-        _check_same_structure(self.model, model)
+        if self.initial_values_fn is not None:
+            params, extra = self._initial_values(seed)
+        else:
+            model = self.model_fn(seed)
+            params = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.trainable_variables)
+            extra = tuple(tf.identity(tf.convert_to_tensor(v.value)) for v in model.non_trainable_variables)
+            _check_same_structure(self.model, model)
         minibatch_seed = tf.constant(np.random.default_rng(seed).integers(0, 2**31 - 1), tf.int32)
         x, y = self.x, self.y
         if self.examples_per_problem is not None and self.examples_per_problem < self.num_examples:
@@ -60,6 +79,34 @@ class KerasModelFamily(ProblemFamily):
                                                                      replace=False))
             x, y = tf.gather(x, subset), tf.gather(y, subset)
         return ProblemInstance(params, extra, (x, y, minibatch_seed))
+
+    def _initial_values(self, seed):
+        """(params, extra) of `initial_values_fn(seed)` as tensors, checked against the template's variables."""
+        result = self.initial_values_fn(seed)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise ValueError(f"initial_values_fn(seed) must return (trainable values, non-trainable values or None), "
+                             f"got {type(result).__name__}")
+        trainable, non_trainable = result
+        if non_trainable is None:
+            non_trainable = [v.value for v in self.model.non_trainable_variables]
+        groups = []
+        for kind, variables, values in (("trainable", self.model.trainable_variables, trainable),
+                                        ("non-trainable", self.model.non_trainable_variables, non_trainable)):
+            values = list(values)
+            if len(values) != len(variables):
+                raise ValueError(f"initial_values_fn(seed) gave {len(values)} {kind} values, the model has "
+                                 f"{len(variables)} {kind} variables")
+            tensors = []
+            for variable, value in zip(variables, values):
+                tensor = tf.identity(tf.convert_to_tensor(value))
+                expected = (tuple(variable.shape), tf.as_dtype(variable.dtype))
+                if (tuple(tensor.shape), tensor.dtype) != expected:
+                    raise ValueError(f"initial_values_fn(seed): the {kind} value for {variable.path} has shape "
+                                     f"{tuple(tensor.shape)} and dtype {tensor.dtype.name}; the model's variable "
+                                     f"has shape {expected[0]} and dtype {expected[1].name}")
+                tensors.append(tensor)
+            groups.append(tuple(tensors))
+        return groups[0], groups[1]
 
     def param_specs(self):
         return param_specs(self.model.trainable_variables)

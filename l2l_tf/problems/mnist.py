@@ -34,10 +34,26 @@ def build_mlp(hidden=(20,), activation="sigmoid", num_classes=10, input_dim=784,
         layers.append(keras.layers.Dense(int(units), activation=activation, name=f"hidden{i + 1}"))
     layers.append(keras.layers.Dense(num_classes, name="logits"))
     model = keras.Sequential(layers, name="mnist_mlp")
-    rng = np.random.default_rng(seed)
-    for variable in model.trainable_variables:
-        variable.assign(rng.normal(0.0, init_stddev, tuple(variable.shape)).astype(np.float32))
+    # strict zip and assign (which checks shapes): mlp_variable_shapes cannot drift from the model's variables
+    values = mlp_initial_values(seed, hidden, num_classes, input_dim, init_stddev)
+    for variable, value in zip(model.trainable_variables, values, strict=True):
+        variable.assign(value)
     return model
+
+
+def mlp_variable_shapes(hidden=(20,), num_classes=10, input_dim=784):
+    """The shapes of `build_mlp`'s trainable variables in their order: each layer's kernel, then its bias."""
+    sizes = [int(input_dim), *(int(h) for h in hidden), int(num_classes)]
+    return [shape for fan_in, units in zip(sizes[:-1], sizes[1:]) for shape in ((fan_in, units), (units,))]
+
+
+def mlp_initial_values(seed, hidden=(20,), num_classes=10, input_dim=784, init_stddev=0.01):
+    """The initial values of `build_mlp(hidden, ..., seed=seed)`'s trainable variables (float32 arrays in their
+    order), each ~ N(0, init_stddev²) from `numpy.random.default_rng(seed)`: what `build_mlp` assigns and what
+    `mlp_initial_values_fn` gives without building a model."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0.0, init_stddev, shape).astype(np.float32)
+            for shape in mlp_variable_shapes(hidden, num_classes, input_dim)]
 
 
 def mlp_model_fn(hidden=(20,), activation="sigmoid", init_stddev=0.01):
@@ -48,6 +64,17 @@ def mlp_model_fn(hidden=(20,), activation="sigmoid", init_stddev=0.01):
         return build_mlp(hidden, activation, seed=seed, init_stddev=init_stddev)
 
     return model_fn
+
+
+def mlp_initial_values_fn(hidden=(20,), init_stddev=0.01):
+    """`initial_values_fn(seed)` for `KerasModelFamily`: the initial values of `mlp_model_fn`'s models (the MLP has
+    no non-trainable variables)."""
+    hidden = tuple(int(h) for h in hidden)
+
+    def initial_values_fn(seed):
+        return mlp_initial_values(seed, hidden, init_stddev=init_stddev), ()
+
+    return initial_values_fn
 
 
 def cross_entropy():
@@ -64,6 +91,7 @@ def mnist_families(splits, hidden=(20,), activation="sigmoid", batch_size=128, i
     the whole split), so that problems of splits of different sizes are alike.
     """
     model_fn = mlp_model_fn(hidden, activation, init_stddev)
+    initial_values_fn = mlp_initial_values_fn(hidden, init_stddev)  # samples problems without building models
     return {split: KerasModelFamily(model_fn, (x, y), cross_entropy(), batch_size=batch_size,
-                                    examples_per_problem=examples_per_problem)
+                                    examples_per_problem=examples_per_problem, initial_values_fn=initial_values_fn)
             for split, (x, y) in splits.items()}

@@ -3,7 +3,8 @@
 One epoch draws a fresh problem, runs it for `num_steps` optimizee steps in unrolls of `unroll_length`, and takes
 one Adam step on φ per unroll. Within an unroll the meta-loss is Σ_t w_t f(θ_t) over its steps t = s+1..s+K; θ and
 the LSTM state carry over to the next unroll without gradient across the boundary. With
-`second_derivatives=False` (the paper's default) the optimizee gradient enters the LSTM through a stop-gradient.
+`second_derivatives=False` (the paper's default) the optimizee gradient enters the LSTM through a stop-gradient, and
+the meta-gradient reuses it as ∂f(θ_t)/∂θ_t instead of backpropagating through the optimizee again.
 """
 import math
 import os
@@ -29,6 +30,19 @@ def _log_loss(loss):
 
 # Per-step meta-objective of f(θ_t).
 META_LOSSES = {"sum": tf.identity, "log": _log_loss}
+
+
+def _first_order_term(loss, params, grads):
+    """`loss` (f(θ), computed from θ under a stop-gradient) as a function of `params` θ whose gradient is the
+    already computed `grads` ∇f(θ): what the meta-loss holds when second derivatives are off."""
+    @tf.custom_gradient
+    def term(*params):
+        def gradient(upstream):
+            return [tf.cast(upstream, g.dtype) * g for g in grads]
+
+        return tf.identity(loss), gradient
+
+    return term(*params)
 
 
 def _variable_name(path):
@@ -109,16 +123,29 @@ class MetaTrainer:
 
     # ---- the differentiable unroll ----
     def unroll_loss(self, phi, params, extra, rule_state, data, start_step):
-        """Meta-loss of one unroll from θ_s and the carry (θ_{s+K}, extra, state) for the next one."""
+        """Meta-loss of one unroll from θ_s and the carry (θ_{s+K}, extra, state) for the next one.
+
+        With `second_derivatives=False` each f(θ_t) that ∇f(θ_t) was computed for enters the meta-loss as a term
+        whose value is f(θ_t) and whose gradient w.r.t. θ_t is that ∇f(θ_t) (`_first_order_term`): the meta-gradient
+        never backpropagates through the optimizee's forward pass a second time. The optimizee runs on θ_t under a
+        stop-gradient, so no meta-gradient flows θ_t → extra_{t+1} (batch-norm moving statistics) → later losses;
+        that is exact when the loss does not read `extra` (batch norm in training mode, as KerasModelFamily runs
+        it). The unroll's last loss, f(θ_{s+K}), is differentiated the ordinary way. `second_derivatives=True`
+        differentiates every f(θ_t) and ∇f(θ_t) through the forward pass.
+        """
         family, rule = self.family, self.rule
         weights = self.loss_weights[start_step:start_step + self.unroll_length]
         params, total = tuple(params), 0.0
         for k in range(self.unroll_length):
-            loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start_step + k)
-            if k > 0:
-                total += weights[k - 1] * self._objective(loss)
-            if not self.second_derivatives:
+            if self.second_derivatives:
+                loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start_step + k)
+            else:
+                loss, grads, extra = evaluation.value_and_grad(
+                    family, tuple(tf.stop_gradient(p) for p in params), extra, data, start_step + k)
                 grads = [tf.stop_gradient(g) for g in grads]
+            if k > 0:
+                term = loss if self.second_derivatives else _first_order_term(loss, params, grads)
+                total += weights[k - 1] * self._objective(term)
             updates, rule_state = rule.step(phi, grads, rule_state, implementation=self.implementation)
             params = tuple(p + u for p, u in zip(params, updates))
         final_loss, _ = family.loss(params, extra, data, start_step + self.unroll_length)
