@@ -135,6 +135,11 @@ enum Phase : int32_t {
 struct PhaseCycles {
   uint64_t ticks[kNumPhases] = {};
 };
+// Multiply-adds per second this thread sustains in the kernels' vector width (independent FMA chains held in
+// registers, best of short bursts over ~`seconds`): the peak that the arithmetic floor of the step is measured
+// against (experiments/bench_step.py --benchmark=meta).
+double fma_peak_per_second(double seconds);
+
 // Installs `counters` (nullptr: none) for the calling thread; returns the previous one.
 PhaseCycles* set_thread_phase_cycles(PhaseCycles* counters);
 const char* phase_name(int phase);

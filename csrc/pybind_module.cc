@@ -12,6 +12,8 @@
 //       -> {"phases": [names], "forward": [ticks], "backward": [ticks], "tsc_hz": float}
 //       time-stamp-counter ticks per phase (lstm_step.h Phase) of one forward and one backward on this thread,
 //       the minimum over `repeats` runs of each phase (a benchmark mode; see experiments/bench_step.py)
+//   fma_peak(threads=0, seconds=0.3) -> float   multiply-adds per second of `threads` threads together (0: all
+//       cores) in the kernels' vector width: the peak the arithmetic floor is measured against
 //   cuda_available() -> bool
 //
 // Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise); preprocess_param must lie in
@@ -262,6 +264,21 @@ py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::
   return out;
 }
 
+double fma_peak(int threads, double seconds) {
+  if (threads < 0) throw py::value_error("threads must be >= 0");
+  if (threads == 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<double> rates(size_t(threads), 0.0);
+  {
+    py::gil_scoped_release release;
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { rates[size_t(t)] = fma_peak_per_second(seconds); });
+    for (auto& th : pool) th.join();
+  }
+  double total = 0.0;
+  for (double r : rates) total += r;
+  return total;
+}
+
 }  // namespace
 }  // namespace l2l
 
@@ -291,6 +308,9 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("repeats") = 5,
         "Time-stamp-counter ticks per kernel phase of one forward and one backward on this thread (minimum over "
         "repeats): {'phases', 'forward', 'backward', 'tsc_hz'}.");
+  m.def("fma_peak", &l2l::fma_peak, py::arg("threads") = 0, py::arg("seconds") = 0.3,
+        "Multiply-adds per second of `threads` threads running together (0: all cores), in the kernels' vector "
+        "width.");
   m.def(
       "cuda_available",
       []() {

