@@ -248,12 +248,13 @@ def test_auto_implementation_uses_the_reference_under_xla(monkeypatch):
     """With a (fake) fused op available, "auto" runs it eagerly but never inside jit_compile=True."""
     calls = []
 
-    def fake_fused(phi, grad, state, scale, config):
+    def fake_fused(phi, grads, states, scale, config):  # what ops.lstm_steps calls: all tensors at once
         calls.append(tf.executing_eagerly())
-        return reference.lstm_step(ops.phi_tree(phi, config), grad, state, scale, config)
+        pairs = [reference.lstm_step(ops.phi_tree(phi, config), g, s, scale, config) for g, s in zip(grads, states)]
+        return [u for u, _ in pairs], [s for _, s in pairs]
 
     monkeypatch.setattr(fused, "available", lambda: True)
-    monkeypatch.setattr(fused, "lstm_step", fake_fused)
+    monkeypatch.setattr(fused, "lstm_steps", fake_fused)
     phi = random_phi(small_rule(), 7)
     g = tf.constant([0.5, -0.1, 1e-3])
 
