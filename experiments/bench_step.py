@@ -447,23 +447,23 @@ def _optimizee_seconds(family, runs, num_steps, unroll=20):
     return statistics.median(times)
 
 
-def _op_call_ms(lstms, repeats):
+def _op_call_ms(lstms, repeats, rounds=5):
     """ms per optimizer step of the fused op's forward + backward on tensors shaped like the run's: one Multi call
-    for all tensors of each LSTM (what the library does) vs one single-tensor call per tensor."""
+    for all tensors of each LSTM (what the library does) vs one single-tensor call per tensor, timed in alternating
+    rounds (so both see the same machine load), the median of the per-round medians."""
     from l2l_tf.ops import fused
 
     rng = np.random.default_rng(0)
-    results = {}
-    for mode in ("one call for all tensors", "one call per tensor"):
-        calls = []
-        for rule, sizes in lstms:
-            cfg = rule.step_config
-            phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32))
-            grads = [tf.constant((rng.standard_normal(n) * 1e-3).astype(np.float32)) for n in sizes]
-            states = [tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)) for n in sizes]
-            calls.append((cfg, phi, grads, states))
+    calls = []
+    for rule, sizes in lstms:
+        cfg = rule.step_config
+        phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32))
+        grads = [tf.constant((rng.standard_normal(n) * 1e-3).astype(np.float32)) for n in sizes]
+        states = [tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)) for n in sizes]
+        calls.append((cfg, phi, grads, states))
 
-        def step(multi=(mode == "one call for all tensors")):
+    def make(multi):
+        def step():
             total = 0.0
             for cfg, phi, grads, states in calls:
                 with tf.GradientTape() as tape:
@@ -476,10 +476,14 @@ def _op_call_ms(lstms, repeats):
                     loss = tf.add_n([tf.reduce_sum(u) for u in updates] + [tf.reduce_sum(st) for st in new_states])
                 total += tf.reduce_sum(tape.gradient(loss, phi))
             return total
+        return tf.function(step)
 
-        fn = tf.function(step)
-        results[mode] = time_calls(fn, (), 3, repeats)[0]
-    return results
+    fns = {"one call for all tensors": make(True), "one call per tensor": make(False)}
+    per_round = {mode: [] for mode in fns}
+    for r in range(rounds):
+        for mode, fn in fns.items():
+            per_round[mode].append(time_calls(fn, (), 3 if r == 0 else 1, repeats)[0])
+    return {mode: statistics.median(times) for mode, times in per_round.items()}
 
 
 def meta_benchmark():
