@@ -126,6 +126,36 @@ void run_split(int threads, int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
+// The checked arrays of a backward call (d_new_state None: nullptr, zero upstream gradient).
+struct BackwardInputs {
+  StepConfig cfg;
+  const float *phi, *grad, *state, *d_update, *d_new_state;
+  int64_t n;
+  float scale;
+  py::array d_new_state_array;  // keeps a converted d_new_state alive
+};
+
+BackwardInputs checked_backward_inputs(const py::array& phi, const py::array& grad, const py::array& state,
+                                       double scale, const py::array& d_update, const py::object& d_new_state,
+                                       int hidden1, int hidden2, const std::string& preprocess,
+                                       double preprocess_param) {
+  BackwardInputs in;
+  in.cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+  in.phi = checked(phi, "phi", {in.cfg.num_params()});
+  in.grad = checked(grad, "grad", {-1});
+  in.n = grad.shape(0);
+  in.state = checked(state, "state", {in.cfg.state_rows(), in.n});
+  in.d_update = checked(d_update, "d_update", {in.n});
+  in.d_new_state = nullptr;
+  if (!d_new_state.is_none()) {
+    if (!py::isinstance<py::array>(d_new_state)) throw py::value_error("d_new_state must be a float32 array or None");
+    in.d_new_state_array = d_new_state.cast<py::array>();
+    in.d_new_state = checked(in.d_new_state_array, "d_new_state", {in.cfg.state_rows(), in.n});
+  }
+  in.scale = checked_scale(scale);
+  return in;
+}
+
 py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                       int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
                       int num_threads) {
@@ -152,20 +182,10 @@ py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::arr
 py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                        const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
                        const std::string& preprocess, double preprocess_param, int num_threads) {
-  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
-  const float* phi_p = checked(phi, "phi", {cfg.num_params()});
-  const float* grad_p = checked(grad, "grad", {-1});
-  const int64_t n = grad.shape(0);
-  const float* state_p = checked(state, "state", {cfg.state_rows(), n});
-  const float* du_p = checked(d_update, "d_update", {n});
-  const float* dns_p = nullptr;
-  py::array dns_arr;
-  if (!d_new_state.is_none()) {
-    if (!py::isinstance<py::array>(d_new_state)) throw py::value_error("d_new_state must be a float32 array or None");
-    dns_arr = d_new_state.cast<py::array>();
-    dns_p = checked(dns_arr, "d_new_state", {cfg.state_rows(), n});
-  }
-  const int64_t P = cfg.num_params();
+  const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
+                                                    preprocess, preprocess_param);
+  const StepConfig& cfg = in.cfg;
+  const int64_t n = in.n, P = cfg.num_params();
   py::array_t<float> d_phi({P});
   py::array_t<float> d_grad = aligned_array({n});
   py::array_t<float> d_state = aligned_array({cfg.state_rows(), n});
@@ -173,13 +193,12 @@ py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::ar
   float* dg_p = d_grad.mutable_data();
   float* ds_p = d_state.mutable_data();
   const int threads = resolve_threads(num_threads, n);
-  const float sc = checked_scale(scale);
   {
     py::gil_scoped_release release;
     std::vector<float> partial(size_t(threads) * size_t(P), 0.0f);
     run_split(threads, n, [&](int t, int64_t b, int64_t e) {
-      lstm_step_backward_cpu(cfg, phi_p, grad_p, state_p, sc, n, b, e, du_p, dns_p, partial.data() + t * P, dg_p,
-                             ds_p);
+      lstm_step_backward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, b, e, in.d_update, in.d_new_state,
+                             partial.data() + t * P, dg_p, ds_p);
     });
     std::memcpy(dphi_p, partial.data(), sizeof(float) * P);
     for (int t = 1; t < threads; ++t)
@@ -219,20 +238,11 @@ double tsc_hz() {
 py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                          const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
                          const std::string& preprocess, double preprocess_param, int repeats) {
-  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
-  const float* phi_p = checked(phi, "phi", {cfg.num_params()});
-  const float* grad_p = checked(grad, "grad", {-1});
-  const int64_t n = grad.shape(0);
-  const float* state_p = checked(state, "state", {cfg.state_rows(), n});
-  const float* du_p = checked(d_update, "d_update", {n});
-  const float* dns_p = nullptr;
-  py::array dns_arr;
-  if (!d_new_state.is_none()) {
-    dns_arr = d_new_state.cast<py::array>();
-    dns_p = checked(dns_arr, "d_new_state", {cfg.state_rows(), n});
-  }
+  const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
+                                                    preprocess, preprocess_param);
+  const StepConfig& cfg = in.cfg;
+  const int64_t n = in.n;
   if (repeats < 1) throw py::value_error("repeats must be >= 1");
-  const float sc = checked_scale(scale);
   py::array_t<float> update = aligned_array({n}), new_state = aligned_array({cfg.state_rows(), n});
   py::array_t<float> d_grad = aligned_array({n}), d_state = aligned_array({cfg.state_rows(), n});
   std::vector<float> d_phi(size_t(cfg.num_params()));
@@ -242,11 +252,11 @@ py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::
     for (int r = 0; r < repeats; ++r) {
       PhaseCycles f, b;
       PhaseCycles* previous = set_thread_phase_cycles(&f);
-      lstm_step_forward_cpu(cfg, phi_p, grad_p, state_p, sc, n, 0, n, update.mutable_data(),
+      lstm_step_forward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, 0, n, update.mutable_data(),
                             new_state.mutable_data());
       set_thread_phase_cycles(&b);
-      lstm_step_backward_cpu(cfg, phi_p, grad_p, state_p, sc, n, 0, n, du_p, dns_p, d_phi.data(),
-                             d_grad.mutable_data(), d_state.mutable_data());
+      lstm_step_backward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, 0, n, in.d_update, in.d_new_state,
+                             d_phi.data(), d_grad.mutable_data(), d_state.mutable_data());
       set_thread_phase_cycles(previous);
       for (int p = 0; p < kNumPhases; ++p) {
         fwd[p] = std::min(fwd[p], f.ticks[p]);

@@ -101,6 +101,28 @@ std::string ConfigString(const l2l::StepConfig& cfg) {
          ", preprocess='" + names[int(cfg.preprocess)] + "'";
 }
 
+// Input and output positions. The single-tensor ops are the Multi layout with N = 1: phi 0, grads 1..N, states
+// N+1..2N, scale 2N+1, d_updates 2N+2..3N+1, d_new_states 3N+2..4N+1; outputs updates 0..N-1 and new_states
+// N..2N-1 (forward), d_phi 0, d_grads 1..N and d_states N+1..2N (gradient).
+struct OpLayout {
+  int N = 1;
+  bool multi = false;  // names tensors in messages and accepts the [0] stand-in for a zero d_new_state
+  int grad(int i) const { return 1 + i; }
+  int state(int i) const { return 1 + N + i; }
+  int scale() const { return 2 * N + 1; }
+  int d_update(int i) const { return 2 * N + 2 + i; }
+  int d_new_state(int i) const { return 3 * N + 2 + i; }
+  std::string which(int i) const { return multi ? " " + std::to_string(i) : ""; }
+};
+
+template <class Context>
+absl::Status GetLayout(Context* ctx, bool multi, OpLayout* layout) {
+  int64_t count = 1;
+  if (multi) TF_RETURN_IF_ERROR(ctx->GetAttr("N", &count));
+  *layout = OpLayout{int(count), multi};
+  return absl::OkStatus();
+}
+
 // ---- shape functions
 absl::Status PhiScaleShapes(InferenceContext* c, const l2l::StepConfig& cfg, int phi_index, int scale_index) {
   ShapeHandle phi, scale;
@@ -156,63 +178,36 @@ absl::Status UpstreamShapes(InferenceContext* c, int du_index, int dns_index, co
   return absl::OkStatus();
 }
 
+template <bool kMulti>
 absl::Status StepShape(InferenceContext* c) {
   l2l::StepConfig cfg;
   TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
-  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 3));
-  DimensionHandle n, s;
-  TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1, 2, "", &n, &s));
-  c->set_output(0, c->Vector(n));
-  c->set_output(1, c->Matrix(s, n));
-  return absl::OkStatus();
-}
-
-absl::Status StepGradShape(InferenceContext* c) {
-  l2l::StepConfig cfg;
-  TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
-  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 3));
-  DimensionHandle n, s;
-  TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1, 2, "", &n, &s));
-  TF_RETURN_IF_ERROR(UpstreamShapes(c, 4, 5, "", false, &n, &s));
-  c->set_output(0, c->Vector(cfg.num_params()));
-  c->set_output(1, c->Vector(n));
-  c->set_output(2, c->Matrix(s, n));
-  return absl::OkStatus();
-}
-
-// Input layout of the Multi ops: phi 0, grads 1..N, states N+1..2N, scale 2N+1, then (gradient op) d_updates
-// 2N+2..3N+1, d_new_states 3N+2..4N+1.
-absl::Status StepMultiShape(InferenceContext* c) {
-  l2l::StepConfig cfg;
-  TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
-  int64_t count = 0;
-  TF_RETURN_IF_ERROR(c->GetAttr("N", &count));
-  const int N = int(count);
-  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 2 * N + 1));
-  for (int i = 0; i < N; ++i) {
+  OpLayout L;
+  TF_RETURN_IF_ERROR(GetLayout(c, kMulti, &L));
+  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, L.scale()));
+  for (int i = 0; i < L.N; ++i) {
     DimensionHandle n, s;
-    TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1 + i, 1 + N + i, " " + std::to_string(i), &n, &s));
+    TF_RETURN_IF_ERROR(TensorShapes(c, cfg, L.grad(i), L.state(i), L.which(i), &n, &s));
     c->set_output(i, c->Vector(n));
-    c->set_output(N + i, c->Matrix(s, n));
+    c->set_output(L.N + i, c->Matrix(s, n));
   }
   return absl::OkStatus();
 }
 
-absl::Status StepMultiGradShape(InferenceContext* c) {
+template <bool kMulti>
+absl::Status StepGradShape(InferenceContext* c) {
   l2l::StepConfig cfg;
   TF_RETURN_IF_ERROR(GetStepConfig(c, &cfg));
-  int64_t count = 0;
-  TF_RETURN_IF_ERROR(c->GetAttr("N", &count));
-  const int N = int(count);
-  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, 2 * N + 1));
+  OpLayout L;
+  TF_RETURN_IF_ERROR(GetLayout(c, kMulti, &L));
+  TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, L.scale()));
   c->set_output(0, c->Vector(cfg.num_params()));
-  for (int i = 0; i < N; ++i) {
-    const std::string which = " " + std::to_string(i);
+  for (int i = 0; i < L.N; ++i) {
     DimensionHandle n, s;
-    TF_RETURN_IF_ERROR(TensorShapes(c, cfg, 1 + i, 1 + N + i, which, &n, &s));
-    TF_RETURN_IF_ERROR(UpstreamShapes(c, 2 * N + 2 + i, 3 * N + 2 + i, which, true, &n, &s));
+    TF_RETURN_IF_ERROR(TensorShapes(c, cfg, L.grad(i), L.state(i), L.which(i), &n, &s));
+    TF_RETURN_IF_ERROR(UpstreamShapes(c, L.d_update(i), L.d_new_state(i), L.which(i), L.multi, &n, &s));
     c->set_output(1 + i, c->Vector(n));
-    c->set_output(1 + N + i, c->Matrix(s, n));
+    c->set_output(1 + L.N + i, c->Matrix(s, n));
   }
   return absl::OkStatus();
 }
@@ -228,7 +223,7 @@ REGISTER_OP("L2lLstmStep")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
-    .SetShapeFn(StepShape);
+    .SetShapeFn(StepShape<false>);
 
 REGISTER_OP("L2lLstmStepGrad")
     .Input("phi: float")
@@ -244,7 +239,7 @@ REGISTER_OP("L2lLstmStepGrad")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
-    .SetShapeFn(StepGradShape);
+    .SetShapeFn(StepGradShape<false>);
 
 REGISTER_OP("L2lLstmStepMulti")
     .Input("phi: float")
@@ -258,7 +253,7 @@ REGISTER_OP("L2lLstmStepMulti")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
-    .SetShapeFn(StepMultiShape);
+    .SetShapeFn(StepShape<true>);
 
 REGISTER_OP("L2lLstmStepMultiGrad")
     .Input("phi: float")
@@ -275,7 +270,7 @@ REGISTER_OP("L2lLstmStepMultiGrad")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
-    .SetShapeFn(StepMultiGradShape);
+    .SetShapeFn(StepGradShape<true>);
 
 // ---- run-time validation (shapes may be unknown at graph construction)
 absl::Status ValidatePhiScale(const l2l::StepConfig& cfg, const Tensor& phi, const Tensor& scale, bool scale_on_host,
@@ -319,12 +314,73 @@ absl::Status ValidateTensor(const l2l::StepConfig& cfg, const Tensor& grad, cons
   return absl::OkStatus();
 }
 
-absl::Status ValidateInputs(const l2l::StepConfig& cfg, OpKernelContext* ctx, bool grad_op, int64_t* n_out,
-                            float* scale_out, bool scale_on_host) {
-  TF_RETURN_IF_ERROR(ValidatePhiScale(cfg, ctx->input(0), ctx->input(3), scale_on_host, scale_out));
-  TF_RETURN_IF_ERROR(ValidateTensor(cfg, ctx->input(1), ctx->input(2), grad_op ? &ctx->input(4) : nullptr,
-                                    grad_op ? &ctx->input(5) : nullptr, false, ""));
-  *n_out = ctx->input(1).dim_size(0);
+// Validates the forward's inputs, allocates its outputs (reusing the grad and state buffers where TF allows and
+// `reuse_inputs`: the CPU kernels read every element before writing it) and describes the non-empty tensors.
+absl::Status PrepareForward(OpKernelContext* ctx, const l2l::StepConfig& cfg, const OpLayout& L, bool reuse_inputs,
+                            float* scale, std::vector<l2l::TensorArgs>* tensors) {
+  TF_RETURN_IF_ERROR(ValidatePhiScale(cfg, ctx->input(0), ctx->input(L.scale()), true, scale));
+  for (int i = 0; i < L.N; ++i) {
+    const Tensor& grad = ctx->input(L.grad(i));
+    const Tensor& state = ctx->input(L.state(i));
+    TF_RETURN_IF_ERROR(ValidateTensor(cfg, grad, state, nullptr, nullptr, false, L.which(i)));
+    Tensor* update = nullptr;
+    Tensor* new_state = nullptr;
+    if (reuse_inputs) {
+      TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({L.grad(i)}, i, grad.shape(), &update));
+      TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({L.state(i)}, L.N + i, state.shape(), &new_state));
+    } else {
+      TF_RETURN_IF_ERROR(ctx->allocate_output(i, grad.shape(), &update));
+      TF_RETURN_IF_ERROR(ctx->allocate_output(L.N + i, state.shape(), &new_state));
+    }
+    if (grad.dim_size(0) == 0) continue;
+    l2l::TensorArgs t;
+    t.grad = grad.flat<float>().data();
+    t.state = state.flat<float>().data();
+    t.n = grad.dim_size(0);
+    t.update = update->flat<float>().data();
+    t.new_state = new_state->flat<float>().data();
+    tensors->push_back(t);
+  }
+  return absl::OkStatus();
+}
+
+// The same for the gradient ops (d_grad may reuse d_update's buffer, d_state d_new_state's); d_phi is allocated,
+// not written.
+absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, const OpLayout& L, bool reuse_inputs,
+                             float* scale, std::vector<l2l::TensorArgs>* tensors, Tensor** d_phi) {
+  TF_RETURN_IF_ERROR(ValidatePhiScale(cfg, ctx->input(0), ctx->input(L.scale()), true, scale));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({cfg.num_params()}), d_phi));
+  for (int i = 0; i < L.N; ++i) {
+    const Tensor& grad = ctx->input(L.grad(i));
+    const Tensor& state = ctx->input(L.state(i));
+    const Tensor& du = ctx->input(L.d_update(i));
+    const Tensor& dns = ctx->input(L.d_new_state(i));
+    TF_RETURN_IF_ERROR(ValidateTensor(cfg, grad, state, &du, &dns, L.multi, L.which(i)));
+    const bool zero_dns = dns.shape() != state.shape();  // the [0] stand-in for zeros
+    Tensor* d_grad = nullptr;
+    Tensor* d_state = nullptr;
+    if (reuse_inputs) {
+      TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({L.d_update(i)}, 1 + i, grad.shape(), &d_grad));
+    } else {
+      TF_RETURN_IF_ERROR(ctx->allocate_output(1 + i, grad.shape(), &d_grad));
+    }
+    if (reuse_inputs && !zero_dns) {
+      TF_RETURN_IF_ERROR(
+          ctx->forward_input_or_allocate_output({L.d_new_state(i)}, 1 + L.N + i, state.shape(), &d_state));
+    } else {
+      TF_RETURN_IF_ERROR(ctx->allocate_output(1 + L.N + i, state.shape(), &d_state));
+    }
+    if (grad.dim_size(0) == 0) continue;
+    l2l::TensorArgs t;
+    t.grad = grad.flat<float>().data();
+    t.state = state.flat<float>().data();
+    t.n = grad.dim_size(0);
+    t.d_update = du.flat<float>().data();
+    t.d_new_state = zero_dns ? nullptr : dns.flat<float>().data();
+    t.d_grad = d_grad->flat<float>().data();
+    t.d_state = d_state->flat<float>().data();
+    tensors->push_back(t);
+  }
   return absl::OkStatus();
 }
 
@@ -378,158 +434,52 @@ void BackwardCpu(OpKernelContext* ctx, const l2l::StepConfig& cfg, const float* 
   }
 }
 
+// kMulti: L2lLstmStepMulti (N tensors), else L2lLstmStep (one).
+template <bool kMulti>
 class LstmStepCpuOp : public OpKernel {
  public:
-  explicit LstmStepCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_)); }
-
-  void Compute(OpKernelContext* ctx) override {
-    int64_t n = 0;
-    float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidateInputs(cfg_, ctx, false, &n, &scale, true));
-    const Tensor& grad = ctx->input(1);
-    const Tensor& state = ctx->input(2);
-    Tensor* update = nullptr;
-    Tensor* new_state = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, grad.shape(), &update));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 1, state.shape(), &new_state));
-    if (n == 0) return;
-    l2l::TensorArgs t;
-    t.grad = grad.flat<float>().data();
-    t.state = state.flat<float>().data();
-    t.n = n;
-    t.update = update->flat<float>().data();
-    t.new_state = new_state->flat<float>().data();
-    ForwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, {t});
-  }
-
- private:
-  l2l::StepConfig cfg_;
-};
-
-class LstmStepGradCpuOp : public OpKernel {
- public:
-  explicit LstmStepGradCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit LstmStepCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    int64_t n = 0;
     float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidateInputs(cfg_, ctx, true, &n, &scale, true));
-    Tensor* d_phi = nullptr;
-    Tensor* d_grad = nullptr;
-    Tensor* d_state = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({cfg_.num_params()}), &d_phi));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({4}, 1, ctx->input(1).shape(), &d_grad));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 2, ctx->input(2).shape(), &d_state));
     std::vector<l2l::TensorArgs> tensors;
-    if (n > 0) {
-      l2l::TensorArgs t;
-      t.grad = ctx->input(1).flat<float>().data();
-      t.state = ctx->input(2).flat<float>().data();
-      t.n = n;
-      t.d_update = ctx->input(4).flat<float>().data();
-      t.d_new_state = ctx->input(5).flat<float>().data();
-      t.d_grad = d_grad->flat<float>().data();
-      t.d_state = d_state->flat<float>().data();
-      tensors.push_back(t);
-    }
-    BackwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors, d_phi->flat<float>().data());
-  }
-
- private:
-  l2l::StepConfig cfg_;
-};
-
-class LstmStepMultiCpuOp : public OpKernel {
- public:
-  explicit LstmStepMultiCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const int N = count_;
-    float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
-    std::vector<l2l::TensorArgs> tensors;
-    for (int i = 0; i < N; ++i) {
-      const Tensor& grad = ctx->input(1 + i);
-      const Tensor& state = ctx->input(1 + N + i);
-      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, nullptr, nullptr, false, " " + std::to_string(i)));
-      Tensor* update = nullptr;
-      Tensor* new_state = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1 + i}, i, grad.shape(), &update));
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1 + N + i}, N + i, state.shape(), &new_state));
-      if (grad.dim_size(0) == 0) continue;
-      l2l::TensorArgs t;
-      t.grad = grad.flat<float>().data();
-      t.state = state.flat<float>().data();
-      t.n = grad.dim_size(0);
-      t.update = update->flat<float>().data();
-      t.new_state = new_state->flat<float>().data();
-      tensors.push_back(t);
-    }
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, cfg_, layout_, /*reuse_inputs=*/true, &scale, &tensors));
     if (!tensors.empty()) ForwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors);
   }
 
  private:
   l2l::StepConfig cfg_;
-  int count_ = 0;
+  OpLayout layout_;
 };
 
-class LstmStepMultiGradCpuOp : public OpKernel {
+template <bool kMulti>
+class LstmStepGradCpuOp : public OpKernel {
  public:
-  explicit LstmStepMultiGradCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit LstmStepGradCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
+    OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const int N = count_;
     float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
-    Tensor* d_phi = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({cfg_.num_params()}), &d_phi));
     std::vector<l2l::TensorArgs> tensors;
-    for (int i = 0; i < N; ++i) {
-      const Tensor& grad = ctx->input(1 + i);
-      const Tensor& state = ctx->input(1 + N + i);
-      const Tensor& du = ctx->input(2 * N + 2 + i);
-      const Tensor& dns = ctx->input(3 * N + 2 + i);
-      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, &du, &dns, true, " " + std::to_string(i)));
-      const bool zero_dns = dns.shape() != state.shape();  // the [0] stand-in for zeros
-      Tensor* d_grad = nullptr;
-      Tensor* d_state = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2 * N + 2 + i}, 1 + i, grad.shape(), &d_grad));
-      if (zero_dns) {
-        OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + N + i, state.shape(), &d_state));
-      } else {
-        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({3 * N + 2 + i}, 1 + N + i, state.shape(), &d_state));
-      }
-      if (grad.dim_size(0) == 0) continue;
-      l2l::TensorArgs t;
-      t.grad = grad.flat<float>().data();
-      t.state = state.flat<float>().data();
-      t.n = grad.dim_size(0);
-      t.d_update = du.flat<float>().data();
-      t.d_new_state = zero_dns ? nullptr : dns.flat<float>().data();
-      t.d_grad = d_grad->flat<float>().data();
-      t.d_state = d_state->flat<float>().data();
-      tensors.push_back(t);
-    }
+    Tensor* d_phi = nullptr;
+    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, cfg_, layout_, /*reuse_inputs=*/true, &scale, &tensors, &d_phi));
     BackwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors, d_phi->flat<float>().data());
   }
 
  private:
   l2l::StepConfig cfg_;
-  int count_ = 0;
+  OpLayout layout_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_CPU), LstmStepCpuOp);
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStepGrad").Device(DEVICE_CPU), LstmStepGradCpuOp);
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMulti").Device(DEVICE_CPU), LstmStepMultiCpuOp);
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMultiGrad").Device(DEVICE_CPU), LstmStepMultiGradCpuOp);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_CPU), LstmStepCpuOp<false>);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepGrad").Device(DEVICE_CPU), LstmStepGradCpuOp<false>);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMulti").Device(DEVICE_CPU), LstmStepCpuOp<true>);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMultiGrad").Device(DEVICE_CPU), LstmStepGradCpuOp<true>);
 
 // ---- GPU
 #if GOOGLE_CUDA
@@ -539,151 +489,79 @@ void* OpStream(OpKernelContext* ctx) {
   return reinterpret_cast<void*>(ctx->eigen_device<Eigen::GpuDevice>().stream());
 }
 
+// One kernel launch per tensor (a launch costs microseconds there); with several tensors their d_phi are added on the
+// op's stream. Outputs are never the inputs' buffers.
+template <bool kMulti>
 class LstmStepGpuOp : public OpKernel {
  public:
-  explicit LstmStepGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_)); }
+  explicit LstmStepGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
-    int64_t n = 0;
     float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidateInputs(cfg_, ctx, false, &n, &scale, true));
-    Tensor* update = nullptr;
-    Tensor* new_state = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(1).shape(), &update));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(2).shape(), &new_state));
-    if (n == 0) return;
+    std::vector<l2l::TensorArgs> tensors;
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, cfg_, layout_, /*reuse_inputs=*/false, &scale, &tensors));
     const l2l::GpuMath math =
         tsl::tensor_float_32_execution_enabled() ? l2l::GpuMath::kTF32 : l2l::GpuMath::kFP32;
-    const char* err = l2l::lstm_step_forward_cuda(
-        cfg_, math, ctx->input(0).flat<float>().data(), ctx->input(1).flat<float>().data(),
-        ctx->input(2).flat<float>().data(), scale, n, update->flat<float>().data(), new_state->flat<float>().data(),
-        OpStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStep CUDA kernel: ", err ? err : ""));
+    for (const l2l::TensorArgs& t : tensors) {
+      const char* err = l2l::lstm_step_forward_cuda(cfg_, math, ctx->input(0).flat<float>().data(), t.grad, t.state,
+                                                    scale, t.n, t.update, t.new_state, OpStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal(type_string(), " CUDA kernel: ", err ? err : ""));
+    }
   }
 
  private:
   l2l::StepConfig cfg_;
+  OpLayout layout_;
 };
 
+template <bool kMulti>
 class LstmStepGradGpuOp : public OpKernel {
  public:
   explicit LstmStepGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    int64_t n = 0;
-    float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidateInputs(cfg_, ctx, true, &n, &scale, true));
-    Tensor* d_phi = nullptr;
-    Tensor* d_grad = nullptr;
-    Tensor* d_state = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({cfg_.num_params()}), &d_phi));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &d_grad));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, ctx->input(2).shape(), &d_state));
-    if (n == 0) {  // nothing to launch: d_phi is all zeros
-      ctx->eigen_device<Eigen::GpuDevice>().memset(d_phi->flat<float>().data(), 0, sizeof(float) * cfg_.num_params());
-      return;
-    }
-    // The kernel zeroes d_phi itself.
-    const char* err = l2l::lstm_step_backward_cuda(
-        cfg_, ctx->input(0).flat<float>().data(), ctx->input(1).flat<float>().data(),
-        ctx->input(2).flat<float>().data(), scale, n, ctx->input(4).flat<float>().data(),
-        ctx->input(5).flat<float>().data(), d_phi->flat<float>().data(), d_grad->flat<float>().data(),
-        d_state->flat<float>().data(), OpStream(ctx));
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepGrad CUDA kernel: ", err ? err : ""));
-  }
-
- private:
-  l2l::StepConfig cfg_;
-};
-
-// Multi ops on the GPU: one kernel launch per tensor (a launch costs microseconds there); the per-tensor d_phi are
-// added on the op's stream.
-class LstmStepMultiGpuOp : public OpKernel {
- public:
-  explicit LstmStepMultiGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const int N = count_;
-    float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
-    const l2l::GpuMath math =
-        tsl::tensor_float_32_execution_enabled() ? l2l::GpuMath::kTF32 : l2l::GpuMath::kFP32;
-    for (int i = 0; i < N; ++i) {
-      const Tensor& grad = ctx->input(1 + i);
-      const Tensor& state = ctx->input(1 + N + i);
-      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, nullptr, nullptr, false, " " + std::to_string(i)));
-      Tensor* update = nullptr;
-      Tensor* new_state = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, grad.shape(), &update));
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(N + i, state.shape(), &new_state));
-      if (grad.dim_size(0) == 0) continue;
-      const char* err = l2l::lstm_step_forward_cuda(cfg_, math, ctx->input(0).flat<float>().data(),
-                                                    grad.flat<float>().data(), state.flat<float>().data(), scale,
-                                                    grad.dim_size(0), update->flat<float>().data(),
-                                                    new_state->flat<float>().data(), OpStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepMulti CUDA kernel: ", err ? err : ""));
-    }
-  }
-
- private:
-  l2l::StepConfig cfg_;
-  int count_ = 0;
-};
-
-class LstmStepMultiGradGpuOp : public OpKernel {
- public:
-  explicit LstmStepMultiGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &count_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const int N = count_;
     const int64_t P = cfg_.num_params();
     float scale = 0.0f;
-    OP_REQUIRES_OK(ctx, ValidatePhiScale(cfg_, ctx->input(0), ctx->input(2 * N + 1), true, &scale));
+    std::vector<l2l::TensorArgs> tensors;
     Tensor* d_phi = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({P}), &d_phi));
-    ctx->eigen_device<Eigen::GpuDevice>().memset(d_phi->flat<float>().data(), 0, sizeof(float) * P);
+    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, cfg_, layout_, /*reuse_inputs=*/false, &scale, &tensors, &d_phi));
+    float* d_phi_p = d_phi->flat<float>().data();
+    if (tensors.empty()) {  // nothing to launch: d_phi is all zeros
+      ctx->eigen_device<Eigen::GpuDevice>().memset(d_phi_p, 0, sizeof(float) * P);
+      return;
+    }
+    // The kernel overwrites its d_phi: the first tensor writes d_phi, the others a temporary added to it.
     Tensor part;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({P}), &part));
-    for (int i = 0; i < N; ++i) {
-      const Tensor& grad = ctx->input(1 + i);
-      const Tensor& state = ctx->input(1 + N + i);
-      const Tensor& du = ctx->input(2 * N + 2 + i);
-      const Tensor& dns = ctx->input(3 * N + 2 + i);
-      OP_REQUIRES_OK(ctx, ValidateTensor(cfg_, grad, state, &du, &dns, true, " " + std::to_string(i)));
-      Tensor* d_grad = nullptr;
-      Tensor* d_state = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + i, grad.shape(), &d_grad));
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1 + N + i, state.shape(), &d_state));
-      if (grad.dim_size(0) == 0) continue;
-      const float* dns_p = dns.shape() == state.shape() ? dns.flat<float>().data() : nullptr;
-      const char* err = l2l::lstm_step_backward_cuda(
-          cfg_, ctx->input(0).flat<float>().data(), grad.flat<float>().data(), state.flat<float>().data(), scale,
-          grad.dim_size(0), du.flat<float>().data(), dns_p, part.flat<float>().data(), d_grad->flat<float>().data(),
-          d_state->flat<float>().data(), OpStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepMultiGrad CUDA kernel: ", err ? err : ""));
-      err = l2l::add_inplace_cuda(d_phi->flat<float>().data(), part.flat<float>().data(), P, OpStream(ctx));
-      OP_REQUIRES(ctx, err == nullptr, errors::Internal("L2lLstmStepMultiGrad CUDA kernel: ", err ? err : ""));
+    if (tensors.size() > 1) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({P}), &part));
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const l2l::TensorArgs& t = tensors[i];
+      float* out = i == 0 ? d_phi_p : part.flat<float>().data();
+      const char* err = l2l::lstm_step_backward_cuda(cfg_, ctx->input(0).flat<float>().data(), t.grad, t.state,
+                                                     scale, t.n, t.d_update, t.d_new_state, out, t.d_grad, t.d_state,
+                                                     OpStream(ctx));
+      if (err == nullptr && i > 0) err = l2l::add_inplace_cuda(d_phi_p, out, P, OpStream(ctx));
+      OP_REQUIRES(ctx, err == nullptr, errors::Internal(type_string(), " CUDA kernel: ", err ? err : ""));
     }
   }
 
  private:
   l2l::StepConfig cfg_;
-  int count_ = 0;
+  OpLayout layout_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGpuOp);
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMulti").Device(DEVICE_GPU).HostMemory("scale"), LstmStepMultiGpuOp);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGpuOp<false>);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepGrad").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGradGpuOp<false>);
+REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMulti").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGpuOp<true>);
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStepMultiGrad").Device(DEVICE_GPU).HostMemory("scale"),
-                        LstmStepMultiGradGpuOp);
-REGISTER_KERNEL_BUILDER(Name("L2lLstmStepGrad").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGradGpuOp);
+                        LstmStepGradGpuOp<true>);
 #endif  // GOOGLE_CUDA
 
 }  // namespace l2l_tf
