@@ -325,3 +325,25 @@ def test_fit_benchmark_runs_on_the_cifar_convnet():
                  timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CIFAR convnet" in result.stdout and "| LearnedOptimizer | reference |" in result.stdout
+
+
+@needs_cifar
+def test_shipped_cifar10_phi_trains_the_convnet_in_keras():
+    """`LearnedOptimizer.from_pretrained("cifar10")` (the φ behind README's CIFAR table) is the two-LSTM rule and trains
+    the paper's convnet in `model.fit`: the README example on 512 images, 2 epochs of batch 128."""
+    import keras
+
+    from l2l_tf import LearnedOptimizer, datasets
+
+    optimizer = LearnedOptimizer.from_pretrained("cifar10")
+    assert isinstance(optimizer.rule, Partitioned) and set(optimizer.rule.rules) == {"conv", "other"}
+    assert all(r.output_scale == 0.01 and r.preprocess == "paper" for r in optimizer.rule.rules.values())
+    keras.utils.set_random_seed(0)
+    x, y = datasets.load_cifar10(directory=CIFAR_DIR)["train"]
+    x, y = x[:512], y[:512]
+    model = build_convnet(10, seed=0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss)
+    # The training loss (inference-mode evaluation would read batch-norm moving statistics that 8 steps barely move).
+    history = model.fit(x, y, batch_size=128, epochs=2, shuffle=False, verbose=0).history["loss"]
+    assert history[0] > 2.0 and history[1] < 0.85 * history[0], history
