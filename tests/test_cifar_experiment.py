@@ -152,6 +152,8 @@ CASES = {
     "--cifar_source=tfds --cifar_dir={tmp}": ["--cifar_dir", "tfds"],
     "--examples_per_problem=-1": ["--examples_per_problem"],
     "--scale_selection_epochs=0": ["--scale_selection_epochs", "a positive integer"],
+    "--cifar2_num_test_problems=0": ["--cifar2_num_test_problems", "positive"],
+    "--cifar5_num_test_problems=-3": ["--cifar5_num_test_problems", "positive"],
     "--batch_size=0": ["--batch_size"],
     "--num_epochs=0": ["--num_epochs=0", "--phi"],
     "--output_init_gain=0": ["--output_init_gain", "positive"],
@@ -222,7 +224,8 @@ def test_smoke_config_end_to_end_then_resumes(tmp_path):
 
     assert set(results["settings"]) == set(LEARNED)
     for name, setting in results["settings"].items():
-        assert setting["steps"] == 10 and setting["num_test_problems"] == 2
+        # cifar_smoke.cfg gives CIFAR-2 its own count (--cifar2_num_test_problems), the others --num_test_problems.
+        assert setting["steps"] == 10 and setting["num_test_problems"] == (3 if name == "cifar2" else 2)
         assert set(setting["optimizers"]) == LEARNED[name] | BASELINES
         for opt, entry in setting["optimizers"].items():
             assert set(entry) >= {"learning_rate", "mean_loss", "final_loss_mean", "final_loss_std"}
