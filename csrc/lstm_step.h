@@ -53,6 +53,8 @@ struct StepConfig {
 
   int32_t input_size() const { return preprocess == Preprocess::kNone ? 1 : 2; }
   int64_t state_rows() const { return 2 * (int64_t(hidden1) + hidden2); }
+  // Rows of the saved activations (see lstm_step_forward_cpu).
+  int64_t activation_rows() const { return 5 * (int64_t(hidden1) + hidden2); }
   // Offsets into phi, in floats.
   int64_t w1_offset() const { return 0; }
   int64_t b1_offset() const { return w1_offset() + 4LL * hidden1 * (input_size() + hidden1); }
@@ -68,18 +70,25 @@ const char* validate_config(const StepConfig& cfg);
 
 // ---- CPU (lstm_step_cpu.cc). Each call handles coordinates [begin, end) of an N-coordinate problem;
 // the caller splits the range across threads (the TF op with its thread pool, pybind11 with std::thread).
+// activations (optional, [activation_rows(), n] like the state): the forward also writes the activations the
+// backward needs, so that a backward given them does not recompute them (a meta-training unroll keeps them between
+// its forward and backward passes: 800 bytes per coordinate and step at 20/20 units, against the forward's two gate
+// GEMMs and pointwise math again). Rows: layer 1's i, f, g, o gates (after their sigmoid / tanh) and tanh(c1'), H1
+// rows each, then layer 2's likewise. With activations the outputs are computed from them one by one, and may differ
+// from the fused forward's (sigmoid * tanh in one reciprocal) by an ulp or two.
 void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad,
                            const float* state, float scale, int64_t n, int64_t begin, int64_t end,
-                           float* update, float* new_state);
+                           float* update, float* new_state, float* activations = nullptr);
 
-// Backward of the forward above, recomputing the forward activations (nothing saved).
+// Backward of the forward above. Without activations it recomputes them; with the ones the forward wrote for the
+// same phi, grad, state and scale, the results are the same bit for bit.
 // d_new_state may be nullptr (zero upstream gradient). d_grad and d_state are written for
 // [begin, end); d_phi_partial (num_params floats) is ACCUMULATED into, so each thread passes its own
 // buffer and the caller sums them (deterministic for a fixed split).
 void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float* grad,
                             const float* state, float scale, int64_t n, int64_t begin, int64_t end,
                             const float* d_update, const float* d_new_state, float* d_phi_partial,
-                            float* d_grad, float* d_state);
+                            float* d_grad, float* d_state, const float* activations = nullptr);
 
 // ---- Many tensors in one call (one optimizer step over all of a rule's tensors, sharing phi and scale).
 // One tensor's arrays, as in the single-tensor calls above (d_new_state may be nullptr; unused fields null).
@@ -93,6 +102,8 @@ struct TensorArgs {
   const float* d_new_state = nullptr;
   float* d_grad = nullptr;             // backward outputs
   float* d_state = nullptr;
+  float* activations_out = nullptr;    // forward: also write the activations (optional)
+  const float* activations = nullptr;  // backward: read them instead of recomputing (optional)
 };
 
 // Coordinates [begin, end) of tensor `tensor`.

@@ -388,6 +388,9 @@ float* thread_scratch(int64_t floats, bool backward) {
   return buf[backward].get();
 }
 
+// fwd_chunk modes.
+constexpr int kOut = 0, kRecompute = 1, kSave = 2;
+
 class Kernel {
  public:
   Kernel(const StepConfig& cfg, const float* phi, float scale, bool backward)
@@ -427,13 +430,13 @@ class Kernel {
     const int64_t o_gbuf = take(4LL * std::max(H1_, H2_) * kSub);
     const int64_t o_gs = take(kLd), o_sts = take(int64_t(S_) * kLd);
     const int64_t o_us = take(kLd), o_nss = take(int64_t(S_) * kLd);
-    int64_t o_wt1 = 0, o_wt2 = 0, o_act1 = 0, o_act2 = 0, o_dz1 = 0, o_dz2 = 0, o_dh1 = 0, o_dx = 0, o_dy = 0,
+    // Activations, layer 2's right after layer 1's (so act1_ + 5 H1 kLd == act2_, the saved layout at stride kLd).
+    const int64_t o_act1 = take(5LL * H1_ * kLd), o_act2 = take(5LL * H2_ * kLd);
+    int64_t o_wt1 = 0, o_wt2 = 0, o_dz1 = 0, o_dz2 = 0, o_dh1 = 0, o_dx = 0, o_dy = 0,
             o_junk = 0, o_zero = 0, o_lw1 = 0, o_lw2 = 0, o_lb1 = 0, o_lb2 = 0, o_lwo = 0, o_lbo = 0;
     if (backward_) {
       o_wt1 = take(4LL * H1_ * K1u_);
       o_wt2 = take(4LL * H2_ * K2u_);
-      o_act1 = take(5LL * H1_ * kLd);
-      o_act2 = take(5LL * H2_ * kLd);
       o_dz1 = take(4LL * H1_ * kLd);
       o_dz2 = take(4LL * H2_ * kLd);
       o_dh1 = take(int64_t(H1_) * kLd);
@@ -458,11 +461,11 @@ class Kernel {
     wp1_ = m + o_wp1; bp1_ = m + o_bp1; wp2_ = m + o_wp2; bp2_ = m + o_bp2;
     in1_ = m + o_in1; in2_ = m + o_in2; gbuf_ = m + o_gbuf;
     gs_ = m + o_gs; sts_ = m + o_sts; us_ = m + o_us; nss_ = m + o_nss;
+    act1_ = m + o_act1; act2_ = m + o_act2;
     pack(W1_, b1_, H1_, K1_, wp1_, bp1_);
     pack(W2_, b2_, H2_, K2_, wp2_, bp2_);
     if (backward_) {
       wt1_ = m + o_wt1; wt2_ = m + o_wt2;
-      act1_ = m + o_act1; act2_ = m + o_act2;
       dz1_ = m + o_dz1; dz2_ = m + o_dz2;
       dh1_ = m + o_dh1; dx_ = m + o_dx; dy_ = m + o_dy; junk_ = m + o_junk; zero_ = m + o_zero;
       lw1_ = m + o_lw1; lw2_ = m + o_lw2; lb1_ = m + o_lb1; lb2_ = m + o_lb2; lwo_ = m + o_lwo; lbo_ = m + o_lbo;
@@ -478,8 +481,10 @@ class Kernel {
 
   // ---- forward over [begin, end)
   void forward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end, float* update,
-               float* new_state) {
+               float* new_state, float* act = nullptr) {
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(update) && aligned64(new_state);
+    const bool nt_act = act && n % 16 == 0 && begin % 16 == 0 && aligned64(act);
+    const int A = 5 * (H1_ + H2_);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
       const int64_t next = c0 + kChunk, ncols = std::min<int64_t>(kChunk, end - next);
@@ -487,17 +492,28 @@ class Kernel {
       pf_.add(grad + next, 0, 1, ncols, false);
       pf_.add(state + next, n, S_, ncols, false);
       if (!nt && new_state != state) pf_.add(new_state + next, n, S_, ncols, true);
+      if (act && !nt_act) pf_.add(act + next, n, A, ncols, true);
       pf_.plan((kChunk / kSub) * (H1_ + H2_));
       if (cnt == kChunk) {
         nt_ = nt;
-        fwd_chunk<false>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
-        nt_ = false;
+        nt_act_ = nt_act;
+        if (act) fwd_chunk<kSave>(grad + c0, state + c0, n, update + c0, new_state + c0, n, kChunk, act + c0, n);
+        else fwd_chunk<kOut>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
+        nt_ = nt_act_ = false;
+      } else if (act) {
+        const int cols = int(round_up(cnt, kSub));
+        stage_in(grad + c0, state + c0, n, cnt, cols);
+        fwd_chunk<kSave>(gs_, sts_, kLd, us_, nss_, kLd, cols, act1_, kLd);
+        std::memcpy(update + c0, us_, sizeof(float) * cnt);
+        for (int r = 0; r < S_; ++r)
+          std::memcpy(new_state + r * n + c0, nss_ + int64_t(r) * kLd, sizeof(float) * cnt);
+        for (int r = 0; r < A; ++r) std::memcpy(act + r * n + c0, act1_ + int64_t(r) * kLd, sizeof(float) * cnt);
       } else {
         // A partial chunk: only the sub-blocks holding its columns (a call for a 20-coordinate bias then costs
         // one sub-block, not a whole chunk).
         const int cols = int(round_up(cnt, kSub));
         stage_in(grad + c0, state + c0, n, cnt, cols);
-        fwd_chunk<false>(gs_, sts_, kLd, us_, nss_, kLd, cols);
+        fwd_chunk<kOut>(gs_, sts_, kLd, us_, nss_, kLd, cols);
         std::memcpy(update + c0, us_, sizeof(float) * cnt);
         for (int r = 0; r < S_; ++r)
           std::memcpy(new_state + r * n + c0, nss_ + int64_t(r) * kLd, sizeof(float) * cnt);
@@ -508,7 +524,9 @@ class Kernel {
 
   // ---- backward over [begin, end); its d_phi goes to the lane accumulators (finish() adds them to d_phi).
   void backward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end,
-                const float* d_update, const float* d_new_state, float* d_grad, float* d_state) {
+                const float* d_update, const float* d_new_state, float* d_grad, float* d_state,
+                const float* act = nullptr) {
+    const int A = 5 * (H1_ + H2_);
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(d_grad) && aligned64(d_state);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
@@ -518,13 +536,14 @@ class Kernel {
       pf_.add(d_update + next, 0, 1, ncols, false);
       pf_.add(state + next, n, S_, ncols, false);
       if (d_new_state) pf_.add(d_new_state + next, n, S_, ncols, false);
+      if (act) pf_.add(act + next, n, A, ncols, false);
       if (!nt && d_state != d_new_state) pf_.add(d_state + next, n, S_, ncols, true);
-      pf_.plan(2 * (kChunk / kSub) * (H1_ + H2_));
+      pf_.plan((act ? 1 : 2) * (kChunk / kSub) * (H1_ + H2_));
       if (cnt == kChunk) {
         const float* dns = d_new_state ? d_new_state + c0 : zero_;
         nt_ = nt;
         bwd_chunk(grad + c0, state + c0, n, d_update + c0, dns, d_new_state ? n : 0, d_grad + c0,
-                  d_state + c0, n);
+                  d_state + c0, n, kChunk, act ? act + c0 : nullptr, n);
         nt_ = false;
       } else {
         // A partial chunk: only the sub-blocks holding its columns (a 20-coordinate bias costs one sub-block, not a
@@ -541,8 +560,16 @@ class Kernel {
           std::memset(row, 0, sizeof(float) * cols);
           if (d_new_state) std::memcpy(row, d_new_state + r * n + c0, sizeof(float) * cnt);
         }
+        // Saved activations: staged at stride kLd, zero-padded (the padded columns' dz are 0 either way).
+        if (act) {
+          for (int r = 0; r < A; ++r) {
+            float* row = act1_ + int64_t(r) * kLd;
+            std::memset(row, 0, sizeof(float) * cols);
+            std::memcpy(row, act + r * n + c0, sizeof(float) * cnt);
+          }
+        }
         // Outputs go to the same staging buffers (d_grad over d_update, d_state over d_new_state: allowed).
-        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols);
+        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols, act ? act1_ : nullptr, kLd);
         std::memcpy(d_grad + c0, dus, sizeof(float) * cnt);
         for (int r = 0; r < S_; ++r)
           std::memcpy(d_state + r * n + c0, dnss + int64_t(r) * kLd, sizeof(float) * cnt);
@@ -591,6 +618,17 @@ class Kernel {
   L2L_INLINE void store_out(float* p, vf v) const {
     if (nt_) stream(p, v);
     else storeu(p, v);
+  }
+
+  // The 5 activations of one unit (rows st5 apart): to a kernel output (streaming when aligned) or to scratch.
+  L2L_INLINE void store_act5(float* a, int64_t st5, vf ig, vf fg, vf gg, vf og, vf tc, bool output) const {
+    if (output && nt_act_) {
+      stream(a, ig); stream(a + st5, fg); stream(a + 2 * st5, gg); stream(a + 3 * st5, og); stream(a + 4 * st5, tc);
+    } else if (output) {
+      storeu(a, ig); storeu(a + st5, fg); storeu(a + 2 * st5, gg); storeu(a + 3 * st5, og); storeu(a + 4 * st5, tc);
+    } else {
+      store(a, ig); store(a + st5, fg); store(a + 2 * st5, gg); store(a + 3 * st5, og); store(a + 4 * st5, tc);
+    }
   }
 
   // ---- preprocessing
@@ -681,12 +719,9 @@ class Kernel {
     }
   }
 
-  // ---- forward of one chunk of kChunk coordinates (of its first `cols`, a multiple of kSub). st/ns: first row of
-  // the chunk, rows lds/ldn apart. kBwd: keep the activations in act1_/act2_ (and h1' in in2_) instead of writing
-  // outputs.
-  template <bool kBwd>
-  void fwd_chunk(const float* __restrict g, const float* st, int64_t lds, float* up, float* ns, int64_t ldn,
-                 int cols = kChunk) {
+  // The GEMM inputs of one chunk's first `cols` columns: the preprocessed gradient and h1 (in1_), h2 (in2_ rows
+  // H1..; rows 0..H1-1 are h1', which the forward writes).
+  void stage_inputs(const float* __restrict g, const float* st, int64_t lds, int cols) {
     for (int col = 0; col < cols; col += kW) {
       vf f0, f1;
       preprocess(loadu(g + col), &f0, &f1);
@@ -696,6 +731,22 @@ class Kernel {
     for (int r = 0; r < H1_; ++r) std::memcpy(in1_ + int64_t(D_ + r) * kLd, st + r * lds, sizeof(float) * cols);
     for (int r = 0; r < H2_; ++r)
       std::memcpy(in2_ + int64_t(H1_ + r) * kLd, st + (2 * int64_t(H1_) + r) * lds, sizeof(float) * cols);
+  }
+
+  // ---- forward of one chunk of kChunk coordinates (of its first `cols`, a multiple of kSub). st/ns: first row of
+  // the chunk, rows lds/ldn apart. kOut: write the outputs. kRecompute (the backward's): keep the activations in
+  // act1_/act2_ (and h1' in in2_) instead. kSave: write the outputs and the activations (rows of `act`, lda apart,
+  // in the saved layout of lstm_step.h); the activations are those kRecompute computes, bit for bit, and the
+  // outputs are computed from them (within an ulp or two of kOut's, which fuses sigmoid * tanh).
+  template <int kMode>
+  void fwd_chunk(const float* __restrict g, const float* st, int64_t lds, float* up, float* ns, int64_t ldn,
+                 int cols = kChunk, float* act = nullptr, int64_t lda = 0) {
+    constexpr bool kSep = kMode != kOut;  // activations computed one by one
+    if (kMode == kRecompute) {
+      act = act1_;
+      lda = kLd;
+    }
+    stage_inputs(g, st, lds, cols);
     mark(kPhaseStage);
 
     for (int s = 0; s < cols; s += kSub) {
@@ -711,14 +762,17 @@ class Kernel {
           const int off = s + v * kW;
           const vf zi = load(acc + (0 * kNV + v) * kW), zf = load(acc + (1 * kNV + v) * kW);
           const vf zg = load(acc + (2 * kNV + v) * kW), zo = load(acc + (3 * kNV + v) * kW);
-          if (kBwd) {
+          if (kSep) {
             vf ig = sigmoid(zi), fg = sigmoid(zf), gg = tanh_(zg), og = sigmoid(zo);
             vf cn = vfma(fg, loadu(cold + v * kW), ig * gg);
             vf tc = tanh_(cn);
-            store(in2_ + int64_t(j) * kLd + off, og * tc);
-            float* a = act1_ + int64_t(j) * kLd + off;
-            const int64_t st5 = int64_t(H1_) * kLd;
-            store(a, ig); store(a + st5, fg); store(a + 2 * st5, gg); store(a + 3 * st5, og); store(a + 4 * st5, tc);
+            const vf h = og * tc;
+            store(in2_ + int64_t(j) * kLd + off, h);
+            store_act5(act + int64_t(j) * lda + off, int64_t(H1_) * lda, ig, fg, gg, og, tc, kMode == kSave);
+            if (kMode == kSave) {
+              store_out(ns + int64_t(j) * ldn + off, h);
+              store_out(ns + (int64_t(H1_) + j) * ldn + off, cn);
+            }
           } else {
             vf cn = vfma(sigmoid(zf), loadu(cold + v * kW), sigmoid_times_tanh(zi, zg));
             vf h = sigmoid_times_tanh(zo, cn);
@@ -745,13 +799,17 @@ class Kernel {
           const int off = s + v * kW;
           const vf zi = load(acc + (0 * kNV + v) * kW), zf = load(acc + (1 * kNV + v) * kW);
           const vf zg = load(acc + (2 * kNV + v) * kW), zo = load(acc + (3 * kNV + v) * kW);
-          if (kBwd) {
+          if (kSep) {
             vf ig = sigmoid(zi), fg = sigmoid(zf), gg = tanh_(zg), og = sigmoid(zo);
             vf cn = vfma(fg, loadu(cold + v * kW), ig * gg);
             vf tc = tanh_(cn);
-            float* a = act2_ + int64_t(j) * kLd + off;
-            const int64_t st5 = int64_t(H2_) * kLd;
-            store(a, ig); store(a + st5, fg); store(a + 2 * st5, gg); store(a + 3 * st5, og); store(a + 4 * st5, tc);
+            store_act5(act + (5LL * H1_ + j) * lda + off, int64_t(H2_) * lda, ig, fg, gg, og, tc, kMode == kSave);
+            if (kMode == kSave) {
+              const vf h = og * tc;
+              store_out(ns + (2 * int64_t(H1_) + j) * ldn + off, h);
+              store_out(ns + (2 * int64_t(H1_) + H2_ + j) * ldn + off, cn);
+              ua[v] = vfma(wo, h, ua[v]);
+            }
           } else {
             vf cn = vfma(sigmoid(zf), loadu(cold + v * kW), sigmoid_times_tanh(zi, zg));
             vf h = sigmoid_times_tanh(zo, cn);
@@ -761,7 +819,7 @@ class Kernel {
           }
         }
       }
-      if (!kBwd) {
+      if (kMode != kRecompute) {
 #pragma GCC unroll 4
         for (int v = 0; v < kNV; ++v) store_out(up + s + v * kW, splat(scale_) * (ua[v] + splat(bo_)));
       }
@@ -773,9 +831,9 @@ class Kernel {
   // c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums of the 4 gates).
   L2L_INLINE void cell_backward(const float* act, int H, int j, int off, vf dh, vf dc_in, vf cold, float* dz,
                                 float* dcold_out, vf (&sb)[4]) {
-    const int64_t st5 = int64_t(H) * kLd;
-    const float* a = act + int64_t(j) * kLd + off;
-    vf ig = load(a), fg = load(a + st5), gg = load(a + 2 * st5), og = load(a + 3 * st5), tc = load(a + 4 * st5);
+    const int64_t st5 = int64_t(H) * lda_;
+    const float* a = act + int64_t(j) * lda_ + off;
+    vf ig = loadu(a), fg = loadu(a + st5), gg = loadu(a + 2 * st5), og = loadu(a + 3 * st5), tc = loadu(a + 4 * st5);
     const vf one = splat(1.0f);
     vf dc = vfma(dh * og, one - tc * tc, dc_in);
     vf dzo = dh * tc * og * (one - og);
@@ -784,7 +842,8 @@ class Kernel {
     vf dzf = dc * cold * fg * (one - fg);
     store_out(dcold_out, dc * fg);
     float* d = dz + int64_t(j) * kLd + off;
-    store(d, dzi); store(d + st5, dzf); store(d + 2 * st5, dzg); store(d + 3 * st5, dzo);
+    const int64_t sz = int64_t(H) * kLd;  // the dz rows are scratch at stride kLd
+    store(d, dzi); store(d + sz, dzf); store(d + 2 * sz, dzg); store(d + 3 * sz, dzo);
     sb[0] = sb[0] + dzi;
     sb[1] = sb[1] + dzf;
     sb[2] = sb[2] + dzg;
@@ -870,11 +929,27 @@ class Kernel {
     }
   }
 
-  // ---- backward of one chunk. Recomputes the forward activations (nothing is saved by the forward op: the
-  // step is memory-bound, and recomputing from the state costs arithmetic, not memory traffic).
+  // ---- backward of one chunk: with the activations the forward saved (`act`, rows lda apart), else recomputing
+  // them (the forward's two gate GEMMs and pointwise math again).
   void bwd_chunk(const float* g, const float* st, int64_t lds, const float* du, const float* dns, int64_t lddn,
-                 float* dg, float* ds, int64_t ldd, int cols = kChunk) {
-    fwd_chunk<true>(g, st, lds, nullptr, nullptr, 0, cols);
+                 float* dg, float* ds, int64_t ldd, int cols = kChunk, const float* act = nullptr, int64_t lda = 0) {
+    const float *a1 = act1_, *a2 = act2_;
+    if (act) {
+      stage_inputs(g, st, lds, cols);
+      // h1' = o1 * tanh(c1'), as the forward computed it (the input of layer 2's weight gradient).
+      for (int j = 0; j < H1_; ++j) {
+        const float* og = act + (3LL * H1_ + j) * lda;
+        const float* tc = act + (4LL * H1_ + j) * lda;
+        for (int col = 0; col < cols; col += kW)
+          store(in2_ + int64_t(j) * kLd + col, loadu(og + col) * loadu(tc + col));
+      }
+      a1 = act;
+      a2 = act + 5LL * H1_ * lda;
+      lda_ = lda;
+    } else {
+      fwd_chunk<kRecompute>(g, st, lds, nullptr, nullptr, 0, cols);
+      lda_ = kLd;
+    }
     for (int col = 0; col < cols; col += kW) store(dy_ + col, splat(scale_) * loadu(du + col));
     const int64_t H1 = H1_, H2 = H2_;
     // Row pointers of the input-gradient outputs (at column 0 of the chunk).
@@ -901,11 +976,11 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           const vf dyv = load(dy_ + off);
-          const float* a = act2_ + int64_t(j) * kLd + off;
-          const int64_t st5 = H2 * kLd;
-          dwo = vfma(dyv, load(a + 3 * st5) * load(a + 4 * st5), dwo);
+          const float* a = a2 + int64_t(j) * lda_ + off;
+          const int64_t st5 = H2 * lda_;
+          dwo = vfma(dyv, loadu(a + 3 * st5) * loadu(a + 4 * st5), dwo);
           vf dh = vfma(dyv, wo, loadu(dns + (2 * H1 + j) * lddn + off));
-          cell_backward(act2_, H2_, j, off, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
+          cell_backward(a2, H2_, j, off, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
                         loadu(st + (2 * H1 + H2 + j) * lds + off), dz2_, ds + (2 * H1 + H2 + j) * ldd + off, sb);
         }
         store(lwo_ + int64_t(j) * kW, dwo);
@@ -929,7 +1004,7 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           vf dh = load(dh1_ + int64_t(j) * kLd + off) + loadu(dns + int64_t(j) * lddn + off);
-          cell_backward(act1_, H1_, j, off, dh, loadu(dns + (H1 + j) * lddn + off), loadu(st + (H1 + j) * lds + off),
+          cell_backward(a1, H1_, j, off, dh, loadu(dns + (H1 + j) * lddn + off), loadu(st + (H1 + j) * lds + off),
                         dz1_, ds + (H1 + j) * ldd + off, sb);
         }
         add_bias_lanes(lb1_, H1_, j, sb);
@@ -984,6 +1059,8 @@ class Kernel {
   std::vector<float*> urow1_, urow2_, rows_;
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
+  bool nt_act_ = false;  // the same for the saved activations
+  int64_t lda_ = kLd;    // row stride of the activations the backward reads
   PhaseCycles* prof_ = nullptr;
   uint64_t last_ = 0;
 };
@@ -991,18 +1068,20 @@ class Kernel {
 }  // namespace
 
 void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad, const float* state,
-                           float scale, int64_t n, int64_t begin, int64_t end, float* update, float* new_state) {
+                           float scale, int64_t n, int64_t begin, int64_t end, float* update, float* new_state,
+                           float* activations) {
   if (end <= begin) return;
   Kernel k(cfg, phi, scale, /*backward=*/false);
-  k.forward(grad, state, n, begin, end, update, new_state);
+  k.forward(grad, state, n, begin, end, update, new_state, activations);
 }
 
 void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float* grad, const float* state,
                             float scale, int64_t n, int64_t begin, int64_t end, const float* d_update,
-                            const float* d_new_state, float* d_phi_partial, float* d_grad, float* d_state) {
+                            const float* d_new_state, float* d_phi_partial, float* d_grad, float* d_state,
+                            const float* activations) {
   if (end <= begin) return;
   Kernel k(cfg, phi, scale, /*backward=*/true);
-  k.backward(grad, state, n, begin, end, d_update, d_new_state, d_grad, d_state);
+  k.backward(grad, state, n, begin, end, d_update, d_new_state, d_grad, d_state, activations);
   k.finish(d_phi_partial);
 }
 
@@ -1013,7 +1092,7 @@ void lstm_step_forward_cpu_slices(const StepConfig& cfg, const float* phi, float
   for (int i = 0; i < count; ++i) {
     const TensorArgs& t = tensors[slices[i].tensor];
     if (slices[i].end > slices[i].begin)
-      k.forward(t.grad, t.state, t.n, slices[i].begin, slices[i].end, t.update, t.new_state);
+      k.forward(t.grad, t.state, t.n, slices[i].begin, slices[i].end, t.update, t.new_state, t.activations_out);
   }
 }
 
@@ -1025,7 +1104,7 @@ void lstm_step_backward_cpu_slices(const StepConfig& cfg, const float* phi, floa
     const TensorArgs& t = tensors[slices[i].tensor];
     if (slices[i].end > slices[i].begin)
       k.backward(t.grad, t.state, t.n, slices[i].begin, slices[i].end, t.d_update, t.d_new_state, t.d_grad,
-                 t.d_state);
+                 t.d_state, t.activations);
   }
   k.finish(d_phi_partial);
 }

@@ -3,12 +3,13 @@
 //
 //   num_params(hidden1, hidden2, preprocess) -> int
 //   forward_cpu(phi, grad, state, scale, hidden1=20, hidden2=20, preprocess="none", preprocess_param=10.0,
-//               num_threads=0) -> (update, new_state)
+//               num_threads=0, save_activations=False) -> (update, new_state[, activations])
 //   backward_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
-//                preprocess="none", preprocess_param=10.0, num_threads=0) -> (d_phi, d_grad, d_state)
+//                preprocess="none", preprocess_param=10.0, num_threads=0, activations=None)
+//       -> (d_phi, d_grad, d_state)   (activations: what forward_cpu saved for the same inputs; None: recomputed)
 //   plan_shards(sizes, threads) -> [[(tensor, begin, end), ...], ...]   (how the TF op splits a multi-tensor step)
 //   phase_ticks_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
-//                   preprocess="none", preprocess_param=10.0, repeats=5)
+//                   preprocess="none", preprocess_param=10.0, repeats=5, saved_activations=False)
 //       -> {"phases": [names], "forward": [ticks], "backward": [ticks], "tsc_hz": float}
 //       time-stamp-counter ticks per phase (lstm_step.h Phase) of one forward and one backward on this thread,
 //       the minimum over `repeats` runs of each phase (a benchmark mode; see experiments/bench_step.py)
@@ -133,12 +134,14 @@ struct BackwardInputs {
   int64_t n;
   float scale;
   py::array d_new_state_array;  // keeps a converted d_new_state alive
+  const float* activations = nullptr;
+  py::array activations_array;
 };
 
 BackwardInputs checked_backward_inputs(const py::array& phi, const py::array& grad, const py::array& state,
                                        double scale, const py::array& d_update, const py::object& d_new_state,
                                        int hidden1, int hidden2, const std::string& preprocess,
-                                       double preprocess_param) {
+                                       double preprocess_param, const py::object& activations = py::none()) {
   BackwardInputs in;
   in.cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
   in.phi = checked(phi, "phi", {in.cfg.num_params()});
@@ -152,13 +155,18 @@ BackwardInputs checked_backward_inputs(const py::array& phi, const py::array& gr
     in.d_new_state_array = d_new_state.cast<py::array>();
     in.d_new_state = checked(in.d_new_state_array, "d_new_state", {in.cfg.state_rows(), in.n});
   }
+  if (!activations.is_none()) {
+    if (!py::isinstance<py::array>(activations)) throw py::value_error("activations must be a float32 array or None");
+    in.activations_array = activations.cast<py::array>();
+    in.activations = checked(in.activations_array, "activations", {in.cfg.activation_rows(), in.n});
+  }
   in.scale = checked_scale(scale);
   return in;
 }
 
 py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                       int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
-                      int num_threads) {
+                      int num_threads, bool save_activations) {
   const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
   const float* phi_p = checked(phi, "phi", {cfg.num_params()});
   const float* grad_p = checked(grad, "grad", {-1});
@@ -168,22 +176,26 @@ py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::arr
   py::array_t<float> new_state = aligned_array({cfg.state_rows(), n});
   float* up = update.mutable_data();
   float* ns = new_state.mutable_data();
+  py::array_t<float> activations = aligned_array({save_activations ? cfg.activation_rows() : 0, n});
+  float* act = save_activations ? activations.mutable_data() : nullptr;
   const int threads = resolve_threads(num_threads, n);
   const float sc = checked_scale(scale);
   {
     py::gil_scoped_release release;
     run_split(threads, n, [&](int, int64_t b, int64_t e) {
-      lstm_step_forward_cpu(cfg, phi_p, grad_p, state_p, sc, n, b, e, up, ns);
+      lstm_step_forward_cpu(cfg, phi_p, grad_p, state_p, sc, n, b, e, up, ns, act);
     });
   }
+  if (save_activations) return py::make_tuple(update, new_state, activations);
   return py::make_tuple(update, new_state);
 }
 
 py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                        const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
-                       const std::string& preprocess, double preprocess_param, int num_threads) {
+                       const std::string& preprocess, double preprocess_param, int num_threads,
+                       const py::object& activations) {
   const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
-                                                    preprocess, preprocess_param);
+                                                    preprocess, preprocess_param, activations);
   const StepConfig& cfg = in.cfg;
   const int64_t n = in.n, P = cfg.num_params();
   py::array_t<float> d_phi({P});
@@ -198,7 +210,7 @@ py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::ar
     std::vector<float> partial(size_t(threads) * size_t(P), 0.0f);
     run_split(threads, n, [&](int t, int64_t b, int64_t e) {
       lstm_step_backward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, b, e, in.d_update, in.d_new_state,
-                             partial.data() + t * P, dg_p, ds_p);
+                             partial.data() + t * P, dg_p, ds_p, in.activations);
     });
     std::memcpy(dphi_p, partial.data(), sizeof(float) * P);
     for (int t = 1; t < threads; ++t)
@@ -237,7 +249,8 @@ double tsc_hz() {
 
 py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                          const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
-                         const std::string& preprocess, double preprocess_param, int repeats) {
+                         const std::string& preprocess, double preprocess_param, int repeats,
+                         bool saved_activations) {
   const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
                                                     preprocess, preprocess_param);
   const StepConfig& cfg = in.cfg;
@@ -246,6 +259,8 @@ py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::
   py::array_t<float> update = aligned_array({n}), new_state = aligned_array({cfg.state_rows(), n});
   py::array_t<float> d_grad = aligned_array({n}), d_state = aligned_array({cfg.state_rows(), n});
   std::vector<float> d_phi(size_t(cfg.num_params()));
+  py::array_t<float> activations = aligned_array({saved_activations ? cfg.activation_rows() : 0, n});
+  float* act = saved_activations ? activations.mutable_data() : nullptr;
   std::vector<uint64_t> fwd(kNumPhases, UINT64_MAX), bwd(kNumPhases, UINT64_MAX);
   {
     py::gil_scoped_release release;
@@ -253,10 +268,10 @@ py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::
       PhaseCycles f, b;
       PhaseCycles* previous = set_thread_phase_cycles(&f);
       lstm_step_forward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, 0, n, update.mutable_data(),
-                            new_state.mutable_data());
+                            new_state.mutable_data(), act);
       set_thread_phase_cycles(&b);
       lstm_step_backward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, 0, n, in.d_update, in.d_new_state,
-                             d_phi.data(), d_grad.mutable_data(), d_state.mutable_data());
+                             d_phi.data(), d_grad.mutable_data(), d_state.mutable_data(), act);
       set_thread_phase_cycles(previous);
       for (int p = 0; p < kNumPhases; ++p) {
         fwd[p] = std::min(fwd[p], f.ticks[p]);
@@ -303,19 +318,22 @@ PYBIND11_MODULE(_kernels, m) {
       "Length of the flat phi vector for these sizes and preprocessing.");
   m.def("forward_cpu", &l2l::forward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("hidden1") = 20, py::arg("hidden2") = 20, py::arg("preprocess") = "none",
-        py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
-        "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]).");
+        py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0, py::arg("save_activations") = false,
+        "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]), and "
+        "with save_activations the activations [5 (H1 + H2), N] a backward can use instead of recomputing them.");
   m.def("backward_cpu", &l2l::backward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,
         py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
-        "Backward of forward_cpu (d_new_state may be None) -> (d_phi [P], d_grad [N], d_state [S, N]).");
+        py::arg("activations") = py::none(),
+        "Backward of forward_cpu (d_new_state may be None; activations: what forward_cpu saved for the same "
+        "inputs, else None to recompute them) -> (d_phi [P], d_grad [N], d_state [S, N]).");
   m.def("plan_shards", &l2l::plan_shards_py, py::arg("sizes"), py::arg("threads"),
         "How a multi-tensor step over tensors of these sizes is split into shards for `threads` threads: a list of "
         "shards, each a list of (tensor, begin, end).");
   m.def("phase_ticks_cpu", &l2l::phase_ticks_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"),
         py::arg("scale"), py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20,
         py::arg("hidden2") = 20, py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0,
-        py::arg("repeats") = 5,
+        py::arg("repeats") = 5, py::arg("saved_activations") = false,
         "Time-stamp-counter ticks per kernel phase of one forward and one backward on this thread (minimum over "
         "repeats): {'phases', 'forward', 'backward', 'tsc_hz'}.");
   m.def("fma_peak", &l2l::fma_peak, py::arg("threads") = 0, py::arg("seconds") = 0.3,

@@ -103,15 +103,18 @@ std::string ConfigString(const l2l::StepConfig& cfg) {
 
 // Input and output positions. The single-tensor ops are the Multi layout with N = 1: phi 0, grads 1..N, states
 // N+1..2N, scale 2N+1, d_updates 2N+2..3N+1, d_new_states 3N+2..4N+1; outputs updates 0..N-1 and new_states
-// N..2N-1 (forward), d_phi 0, d_grads 1..N and d_states N+1..2N (gradient).
+// N..2N-1 (forward), d_phi 0, d_grads 1..N and d_states N+1..2N (gradient). The Multi ops also have the saved
+// activations: forward outputs 2N..3N-1, gradient inputs 4N+2..5N+1.
 struct OpLayout {
   int N = 1;
-  bool multi = false;  // names tensors in messages and accepts the [0] stand-in for a zero d_new_state
+  bool multi = false;  // names tensors in messages, accepts the [0] stand-in for a zero d_new_state, has activations
   int grad(int i) const { return 1 + i; }
   int state(int i) const { return 1 + N + i; }
   int scale() const { return 2 * N + 1; }
   int d_update(int i) const { return 2 * N + 2 + i; }
   int d_new_state(int i) const { return 3 * N + 2 + i; }
+  int activations_out(int i) const { return 2 * N + i; }
+  int activations_in(int i) const { return 4 * N + 2 + i; }
   std::string which(int i) const { return multi ? " " + std::to_string(i) : ""; }
 };
 
@@ -190,6 +193,8 @@ absl::Status StepShape(InferenceContext* c) {
     TF_RETURN_IF_ERROR(TensorShapes(c, cfg, L.grad(i), L.state(i), L.which(i), &n, &s));
     c->set_output(i, c->Vector(n));
     c->set_output(L.N + i, c->Matrix(s, n));
+    // [5 (H1 + H2), N] where the kernel saves them (CPU, save_activations), else [0, N].
+    if (L.multi) c->set_output(L.activations_out(i), c->Matrix(c->UnknownDim(), n));
   }
   return absl::OkStatus();
 }
@@ -206,6 +211,15 @@ absl::Status StepGradShape(InferenceContext* c) {
     DimensionHandle n, s;
     TF_RETURN_IF_ERROR(TensorShapes(c, cfg, L.grad(i), L.state(i), L.which(i), &n, &s));
     TF_RETURN_IF_ERROR(UpstreamShapes(c, L.d_update(i), L.d_new_state(i), L.which(i), L.multi, &n, &s));
+    if (L.multi) {
+      ShapeHandle act;
+      DimensionHandle act_n;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(L.activations_in(i)), 2, &act));
+      if (!c->Merge(c->Dim(act, 1), n, &act_n).ok()) {
+        return errors::InvalidArgument("activations", L.which(i), " must have shape [", cfg.activation_rows(),
+                                       ", N] or [0, N] like grad", L.which(i), ", got ", c->DebugString(act));
+      }
+    }
     c->set_output(1 + i, c->Vector(n));
     c->set_output(1 + L.N + i, c->Matrix(s, n));
   }
@@ -248,7 +262,9 @@ REGISTER_OP("L2lLstmStepMulti")
     .Input("scale: float")
     .Output("updates: N * float")
     .Output("new_states: N * float")
+    .Output("activations: N * float")
     .Attr("N: int >= 1")
+    .Attr("save_activations: bool = false")
     .Attr("hidden1: int = 20")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
@@ -262,6 +278,7 @@ REGISTER_OP("L2lLstmStepMultiGrad")
     .Input("scale: float")
     .Input("d_updates: N * float")
     .Input("d_new_states: N * float")
+    .Input("activations: N * float")
     .Output("d_phi: float")
     .Output("d_grads: N * float")
     .Output("d_states: N * float")
@@ -316,8 +333,9 @@ absl::Status ValidateTensor(const l2l::StepConfig& cfg, const Tensor& grad, cons
 
 // Validates the forward's inputs, allocates its outputs (reusing the grad and state buffers where TF allows and
 // `reuse_inputs`: the CPU kernels read every element before writing it) and describes the non-empty tensors.
+// `save_activations` (Multi ops): the activations outputs are [A, N] and written, else [0, N].
 absl::Status PrepareForward(OpKernelContext* ctx, const l2l::StepConfig& cfg, const OpLayout& L, bool reuse_inputs,
-                            float* scale, std::vector<l2l::TensorArgs>* tensors) {
+                            bool save_activations, float* scale, std::vector<l2l::TensorArgs>* tensors) {
   TF_RETURN_IF_ERROR(ValidatePhiScale(cfg, ctx->input(0), ctx->input(L.scale()), true, scale));
   for (int i = 0; i < L.N; ++i) {
     const Tensor& grad = ctx->input(L.grad(i));
@@ -332,6 +350,11 @@ absl::Status PrepareForward(OpKernelContext* ctx, const l2l::StepConfig& cfg, co
       TF_RETURN_IF_ERROR(ctx->allocate_output(i, grad.shape(), &update));
       TF_RETURN_IF_ERROR(ctx->allocate_output(L.N + i, state.shape(), &new_state));
     }
+    Tensor* act = nullptr;
+    if (L.multi) {
+      const int64_t rows = save_activations ? cfg.activation_rows() : 0;
+      TF_RETURN_IF_ERROR(ctx->allocate_output(L.activations_out(i), TensorShape({rows, grad.dim_size(0)}), &act));
+    }
     if (grad.dim_size(0) == 0) continue;
     l2l::TensorArgs t;
     t.grad = grad.flat<float>().data();
@@ -339,6 +362,7 @@ absl::Status PrepareForward(OpKernelContext* ctx, const l2l::StepConfig& cfg, co
     t.n = grad.dim_size(0);
     t.update = update->flat<float>().data();
     t.new_state = new_state->flat<float>().data();
+    if (act && save_activations) t.activations_out = act->flat<float>().data();
     tensors->push_back(t);
   }
   return absl::OkStatus();
@@ -357,6 +381,18 @@ absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, c
     const Tensor& dns = ctx->input(L.d_new_state(i));
     TF_RETURN_IF_ERROR(ValidateTensor(cfg, grad, state, &du, &dns, L.multi, L.which(i)));
     const bool zero_dns = dns.shape() != state.shape();  // the [0] stand-in for zeros
+    const float* saved = nullptr;  // the forward's activations, else recomputed
+    if (L.multi) {
+      const Tensor& act = ctx->input(L.activations_in(i));
+      const int64_t n = grad.dim_size(0);
+      if (!TensorShapeUtils::IsMatrix(act.shape()) || act.dim_size(1) != n ||
+          (act.dim_size(0) != cfg.activation_rows() && act.dim_size(0) != 0)) {
+        return errors::InvalidArgument("activations", L.which(i), " must have shape [", cfg.activation_rows(), ", ",
+                                       n, "] (saved by the forward) or [0, ", n, "], got ",
+                                       act.shape().DebugString());
+      }
+      if (act.dim_size(0) != 0 && n > 0) saved = act.flat<float>().data();
+    }
     Tensor* d_grad = nullptr;
     Tensor* d_state = nullptr;
     if (reuse_inputs) {
@@ -379,6 +415,7 @@ absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, c
     t.d_new_state = zero_dns ? nullptr : dns.flat<float>().data();
     t.d_grad = d_grad->flat<float>().data();
     t.d_state = d_state->flat<float>().data();
+    t.activations = saved;
     tensors->push_back(t);
   }
   return absl::OkStatus();
@@ -441,18 +478,21 @@ class LstmStepCpuOp : public OpKernel {
   explicit LstmStepCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
+    if (kMulti) OP_REQUIRES_OK(ctx, ctx->GetAttr("save_activations", &save_activations_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     float scale = 0.0f;
     std::vector<l2l::TensorArgs> tensors;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, cfg_, layout_, /*reuse_inputs=*/true, &scale, &tensors));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, cfg_, layout_, /*reuse_inputs=*/true, save_activations_, &scale,
+                                       &tensors));
     if (!tensors.empty()) ForwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors);
   }
 
  private:
   l2l::StepConfig cfg_;
   OpLayout layout_;
+  bool save_activations_ = false;
 };
 
 template <bool kMulti>
@@ -502,7 +542,9 @@ class LstmStepGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     float scale = 0.0f;
     std::vector<l2l::TensorArgs> tensors;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, cfg_, layout_, /*reuse_inputs=*/false, &scale, &tensors));
+    // The CUDA backward recomputes the activations: none are saved here ([0, N] outputs).
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, cfg_, layout_, /*reuse_inputs=*/false, /*save_activations=*/false, &scale,
+                                       &tensors));
     const l2l::GpuMath math =
         tsl::tensor_float_32_execution_enabled() ? l2l::GpuMath::kTF32 : l2l::GpuMath::kFP32;
     for (const l2l::TensorArgs& t : tensors) {

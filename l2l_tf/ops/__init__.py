@@ -16,6 +16,9 @@ Non-finite gradients, the same in every implementation (csrc/lstm_step.h): +inf 
 with respect to them is 0 (the clamp is flat beyond ±FLT_MAX). NaN propagates: a NaN gradient gives a NaN update and a
 NaN new state for its coordinate (and NaN in the gradients that depend on it); other coordinates are unaffected.
 """
+import contextlib
+import threading
+
 import tensorflow as tf
 
 from l2l_tf.ops import fused, layout, reference
@@ -100,15 +103,50 @@ def preprocess(grad, config: StepConfig):
     return reference.preprocess(grad, config)
 
 
+_saving = threading.local()
+
+
+@contextlib.contextmanager
+def saving_activations(max_bytes):
+    """Fused steps built inside keep their activations for their gradient (instead of the gradient recomputing
+    them), up to `max_bytes` of activations in all: a step whose activations would pass that recomputes them. For
+    code whose gradient follows (a meta-training unroll); the saved activations live until the gradient has run, so
+    the budget bounds the extra memory. Steps outside any such block save nothing."""
+    previous = getattr(_saving, "budget", None)
+    _saving.budget = [int(max_bytes)]
+    try:
+        yield
+    finally:
+        _saving.budget = previous
+
+
+def _take_activation_budget(grads, config):
+    """True (and the budget charged) when the saving block around this call has room for these steps' activations."""
+    budget = getattr(_saving, "budget", None)
+    if not budget:
+        return False
+    sizes = [g.shape[0] if g.shape.rank == 1 else None for g in grads]
+    if any(n is None for n in sizes):
+        return False
+    need = 4 * config.activation_rows * sum(sizes)
+    if need > budget[0]:
+        return False
+    budget[0] -= need
+    return True
+
+
 def lstm_steps(phi, grads, states, scale, config: StepConfig, implementation="auto"):
     """One coordinatewise LSTM step for each flat gradient [N_i] with its state [S, N_i]: (updates, new states).
 
     Either implementation validates its inputs with `check_phi_tree` and `validate_step_inputs` (the same errors).
-    ±inf gradients act as ±FLT_MAX, NaN gradients give NaN updates (see the module docstring).
+    ±inf gradients act as ±FLT_MAX, NaN gradients give NaN updates (see the module docstring). Inside
+    `saving_activations` the fused op keeps its activations for its gradient.
     """
     if resolve_implementation(implementation) == "fused":
         flat = flat_phi(phi, config)
-        return fused.lstm_steps(flat, grads, states, scale, config)  # one op call for all the tensors
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        return fused.lstm_steps(flat, grads, states, scale, config,  # one op call for all the tensors
+                                save_activations=_take_activation_budget(grads, config))
     check_phi_tree(phi, config)
     results = [reference.lstm_step(phi, g, s, scale, config) for g, s in zip(grads, states)]
     return [u for u, _ in results], [s for _, s in results]
@@ -121,6 +159,7 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
-           "lstm_step", "lstm_steps", "preprocess", "flat_phi", "phi_tree", "check_phi_tree", "validate_step_inputs",
+           "lstm_step", "lstm_steps", "saving_activations", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
+           "validate_step_inputs",
            "fused_available", "fused_load_error", "inside_xla_compilation", "check_implementation",
            "resolve_implementation", "layout"]

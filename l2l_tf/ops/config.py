@@ -69,6 +69,11 @@ class StepConfig:
         return 2 * (self.hidden1 + self.hidden2)
 
     @property
+    def activation_rows(self):
+        """Rows per coordinate of the activations the fused forward can save for its backward (csrc/lstm_step.h)."""
+        return 5 * (self.hidden1 + self.hidden2)
+
+    @property
     def phi_shapes(self):
         """The φ tree's leaf shapes: {"lstm1": {"w", "b"}, "lstm2": {"w", "b"}, "out": {"w", "b"}}."""
         return layout.phi_shapes(self.hidden1, self.hidden2, self.input_size)

@@ -109,10 +109,14 @@ def lstm_step(phi, grad, state, scale, config: StepConfig):
                                 preprocess=config.preprocess, preprocess_param=config.preprocess_param)
 
 
-def lstm_steps(phi, grads, states, scale, config: StepConfig):
+def lstm_steps(phi, grads, states, scale, config: StepConfig, save_activations=False):
     """One step of every tensor with one call of the fused op (`L2lLstmStepMulti`): phi [P], grads [N_i], states
     [S, N_i], scale → (updates, new_states). One launch and one split of all the tensors' chunks over the threads, so
-    a 10-coordinate bias rides along with the 15,680-coordinate kernel instead of paying a call of its own."""
+    a 10-coordinate bias rides along with the 15,680-coordinate kernel instead of paying a call of its own.
+
+    save_activations: the CPU kernel also writes the activations its gradient needs ([5 (H1 + H2), N_i] each, kept
+    by TensorFlow until the gradient runs), so the gradient does not recompute them (the forward's gate GEMMs and
+    pointwise math). Worth it where a gradient follows (meta-training), and only then."""
     module = _load()
     if module is None:
         raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
@@ -124,9 +128,9 @@ def lstm_steps(phi, grads, states, scale, config: StepConfig):
     p = phi.shape[0] if phi.shape.rank is not None else None
     if p is not None and p != config.num_params:
         raise ValueError(f"lstm_step: phi must have {config.num_params} elements for {config}, got {p}")
-    updates, new_states = module.l2l_lstm_step_multi(
+    updates, new_states, _ = module.l2l_lstm_step_multi(
         phi, grads, states, scale, hidden1=config.hidden1, hidden2=config.hidden2, preprocess=config.preprocess,
-        preprocess_param=config.preprocess_param)
+        preprocess_param=config.preprocess_param, save_activations=bool(save_activations))
     return list(updates), list(new_states)
 
 
@@ -155,9 +159,12 @@ def _lstm_step_multi_grad(op, *upstream):
     d_updates = [tf.zeros_like(g) if d is None else d for g, d in zip(grads, upstream[:count])]
     # A state whose new value is not used further (the last step of an unroll) has no upstream gradient: the op
     # takes an empty [0] tensor for its zeros instead of an [S, N] one.
-    d_new_states = [tf.zeros([0], tf.float32) if d is None else d for d in upstream[count:]]
+    d_new_states = [tf.zeros([0], tf.float32) if d is None else d for d in upstream[count:2 * count]]
+    # The activations the forward saved ([0, N] where it saved none: the kernel recomputes them); they have no
+    # gradient of their own (upstream[2 N:] is None).
+    activations = op.outputs[2 * count:3 * count]
     d_phi, d_grads, d_states = module.l2l_lstm_step_multi_grad(
-        phi, grads, states, scale, d_updates, d_new_states, hidden1=op.get_attr("hidden1"),
+        phi, grads, states, scale, d_updates, d_new_states, activations, hidden1=op.get_attr("hidden1"),
         hidden2=op.get_attr("hidden2"), preprocess=op.get_attr("preprocess"),
         preprocess_param=op.get_attr("preprocess_param"))
     return [d_phi, *d_grads, *d_states, None]  # no gradient to scale
