@@ -50,6 +50,7 @@ and the speed-up over the fastest pure-TF variant for the same size and pass (> 
 the process CPU time per step (all threads): on a machine shared with other work, wall times inflate and it tells
 how much of the machine each variant needed. The JSON records hold the wall times.
 """
+import functools
 import json
 import os
 import statistics
@@ -350,9 +351,10 @@ def bare_kernel_ms(optimizer, variables, repeats=300):
 
 
 # ---- --benchmark=meta
+@functools.lru_cache(maxsize=None)
 def _one_parameter_rule():
     """u = -exp(φ) g with one scalar φ: the meta-training run without the LSTM (what is left is the optimizee and the
-    rest of the run)."""
+    rest of the run). Registered once per process, however many optimizees are timed."""
     from l2l_tf.rules import RuleState, UpdateRule, register_rule
 
     @register_rule("bench_scaled_sgd")
@@ -457,7 +459,10 @@ def _optimizee_seconds(family, runs, num_steps, unroll=20):
 def _op_call_ms(lstms, repeats, rounds=5):
     """ms per optimizer step of the fused op's forward + backward on tensors shaped like the run's: one Multi call
     for all tensors of each LSTM (what the library does) vs one single-tensor call per tensor, timed in alternating
-    rounds (so both see the same machine load), the median of the per-round medians."""
+    rounds (so both see the same machine load), the median of the per-round medians. The inputs are arguments of the
+    traced function (constants could be folded away by Grappler), and the loss is quadratic in the outputs, so that
+    the backward waits for the forward as in training (with a linear loss the upstream gradients are constants and
+    the gradient op could run beside the forward)."""
     from l2l_tf.ops import fused
 
     rng = np.random.default_rng(0)
@@ -470,9 +475,9 @@ def _op_call_ms(lstms, repeats, rounds=5):
         calls.append((cfg, phi, grads, states))
 
     def make(multi):
-        def step():
+        def step(calls):
             total = 0.0
-            for cfg, phi, grads, states in calls:
+            for cfg, (phi, grads, states) in zip(configs, calls):
                 with tf.GradientTape() as tape:
                     tape.watch(phi)
                     if multi:
@@ -480,16 +485,19 @@ def _op_call_ms(lstms, repeats, rounds=5):
                     else:
                         pairs = [fused.lstm_step(phi, g, st, 0.1, cfg) for g, st in zip(grads, states)]
                         updates, new_states = [u for u, _ in pairs], [st for _, st in pairs]
-                    loss = tf.add_n([tf.reduce_sum(u) for u in updates] + [tf.reduce_sum(st) for st in new_states])
+                    loss = tf.add_n([tf.reduce_sum(u * u) for u in updates] +
+                                    [tf.reduce_sum(st * st) for st in new_states])
                 total += tf.reduce_sum(tape.gradient(loss, phi))
             return total
         return tf.function(step)
 
+    configs = [cfg for cfg, _, _, _ in calls]
+    arguments = ([(phi, grads, states) for _, phi, grads, states in calls],)
     fns = {"one call for all tensors": make(True), "one call per tensor": make(False)}
     per_round = {mode: [] for mode in fns}
     for r in range(rounds):
         for mode, fn in fns.items():
-            per_round[mode].append(time_calls(fn, (), 3 if r == 0 else 1, repeats)[0])
+            per_round[mode].append(time_calls(fn, arguments, 3 if r == 0 else 1, repeats)[0])
     return {mode: statistics.median(times) for mode, times in per_round.items()}
 
 
