@@ -484,7 +484,7 @@ class Kernel {
                float* new_state, float* act = nullptr) {
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(update) && aligned64(new_state);
     const bool nt_act = act && n % 16 == 0 && begin % 16 == 0 && aligned64(act);
-    const int A = 5 * (H1_ + H2_);
+    const int A = int(cfg_.activation_rows());
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
       const int64_t next = c0 + kChunk, ncols = std::min<int64_t>(kChunk, end - next);
@@ -500,23 +500,16 @@ class Kernel {
         if (act) fwd_chunk<kSave>(grad + c0, state + c0, n, update + c0, new_state + c0, n, kChunk, act + c0, n);
         else fwd_chunk<kOut>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
         nt_ = nt_act_ = false;
-      } else if (act) {
-        const int cols = int(round_up(cnt, kSub));
-        stage_in(grad + c0, state + c0, n, cnt, cols);
-        fwd_chunk<kSave>(gs_, sts_, kLd, us_, nss_, kLd, cols, act1_, kLd);
-        std::memcpy(update + c0, us_, sizeof(float) * cnt);
-        for (int r = 0; r < S_; ++r)
-          std::memcpy(new_state + r * n + c0, nss_ + int64_t(r) * kLd, sizeof(float) * cnt);
-        for (int r = 0; r < A; ++r) std::memcpy(act + r * n + c0, act1_ + int64_t(r) * kLd, sizeof(float) * cnt);
       } else {
         // A partial chunk: only the sub-blocks holding its columns (a call for a 20-coordinate bias then costs
-        // one sub-block, not a whole chunk).
+        // one sub-block, not a whole chunk), through the staging rows (the activations through act1_/act2_).
         const int cols = int(round_up(cnt, kSub));
         stage_in(grad + c0, state + c0, n, cnt, cols);
-        fwd_chunk<kOut>(gs_, sts_, kLd, us_, nss_, kLd, cols);
-        std::memcpy(update + c0, us_, sizeof(float) * cnt);
-        for (int r = 0; r < S_; ++r)
-          std::memcpy(new_state + r * n + c0, nss_ + int64_t(r) * kLd, sizeof(float) * cnt);
+        if (act) fwd_chunk<kSave>(gs_, sts_, kLd, us_, nss_, kLd, cols, act1_, kLd);
+        else fwd_chunk<kOut>(gs_, sts_, kLd, us_, nss_, kLd, cols);
+        unstage_rows(update + c0, n, us_, 1, cnt);
+        unstage_rows(new_state + c0, n, nss_, S_, cnt);
+        if (act) unstage_rows(act + c0, n, act1_, A, cnt);
       }
     }
     store_fence();
@@ -526,7 +519,7 @@ class Kernel {
   void backward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end,
                 const float* d_update, const float* d_new_state, float* d_grad, float* d_state,
                 const float* act = nullptr) {
-    const int A = 5 * (H1_ + H2_);
+    const int A = int(cfg_.activation_rows());
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(d_grad) && aligned64(d_state);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
@@ -553,26 +546,14 @@ class Kernel {
         stage_in(grad + c0, state + c0, n, cnt, cols);
         float* dus = us_;
         float* dnss = nss_;
-        std::memset(dus, 0, sizeof(float) * cols);
-        std::memcpy(dus, d_update + c0, sizeof(float) * cnt);
-        for (int r = 0; r < S_; ++r) {
-          float* row = dnss + int64_t(r) * kLd;
-          std::memset(row, 0, sizeof(float) * cols);
-          if (d_new_state) std::memcpy(row, d_new_state + r * n + c0, sizeof(float) * cnt);
-        }
+        stage_rows(dus, d_update + c0, n, 1, cnt, cols);
+        stage_rows(dnss, d_new_state ? d_new_state + c0 : nullptr, n, S_, cnt, cols);
         // Saved activations: staged at stride kLd, zero-padded (the padded columns' dz are 0 either way).
-        if (act) {
-          for (int r = 0; r < A; ++r) {
-            float* row = act1_ + int64_t(r) * kLd;
-            std::memset(row, 0, sizeof(float) * cols);
-            std::memcpy(row, act + r * n + c0, sizeof(float) * cnt);
-          }
-        }
+        if (act) stage_rows(act1_, act + c0, n, A, cnt, cols);
         // Outputs go to the same staging buffers (d_grad over d_update, d_state over d_new_state: allowed).
         bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols, act ? act1_ : nullptr, kLd);
-        std::memcpy(d_grad + c0, dus, sizeof(float) * cnt);
-        for (int r = 0; r < S_; ++r)
-          std::memcpy(d_state + r * n + c0, dnss + int64_t(r) * kLd, sizeof(float) * cnt);
+        unstage_rows(d_grad + c0, n, dus, 1, cnt);
+        unstage_rows(d_state + c0, n, dnss, S_, cnt);
       }
     }
     store_fence();
@@ -597,13 +578,22 @@ class Kernel {
 
   // Copies cnt columns of grad and state into the staging rows, zero-padded to `pad` columns.
   void stage_in(const float* g, const float* st, int64_t ld, int64_t cnt, int64_t pad = kLd) {
-    std::memset(gs_, 0, sizeof(float) * pad);
-    std::memcpy(gs_, g, sizeof(float) * cnt);
-    for (int r = 0; r < S_; ++r) {
-      float* row = sts_ + int64_t(r) * kLd;
+    stage_rows(gs_, g, ld, 1, cnt, pad);
+    stage_rows(sts_, st, ld, S_, cnt, pad);
+  }
+
+  // rows rows of src (ld apart; nullptr: zeros) into staging rows at stride kLd: cnt columns, zero-padded to pad.
+  static void stage_rows(float* dst, const float* src, int64_t ld, int rows, int64_t cnt, int64_t pad) {
+    for (int r = 0; r < rows; ++r) {
+      float* row = dst + int64_t(r) * kLd;
       std::memset(row, 0, sizeof(float) * pad);
-      std::memcpy(row, st + r * ld, sizeof(float) * cnt);
+      if (src) std::memcpy(row, src + r * ld, sizeof(float) * cnt);
     }
+  }
+
+  // The first cnt columns of rows staging rows (stride kLd) back to dst (rows ld apart).
+  static void unstage_rows(float* dst, int64_t ld, const float* src, int rows, int64_t cnt) {
+    for (int r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + int64_t(r) * kLd, sizeof(float) * cnt);
   }
 
   // Attributes the ticks since the previous mark to `phase` (when a PhaseCycles is installed on this thread).

@@ -127,13 +127,21 @@ void run_split(int threads, int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
+// An optional float32 input (None: nullptr), checked as `checked` does; `keep` holds the converted array alive.
+const float* checked_optional(const py::object& a, const char* name, std::vector<int64_t> shape, py::array* keep) {
+  if (a.is_none()) return nullptr;
+  if (!py::isinstance<py::array>(a)) throw py::value_error(std::string(name) + " must be a float32 array or None");
+  *keep = a.cast<py::array>();
+  return checked(*keep, name, std::move(shape));
+}
+
 // The checked arrays of a backward call (d_new_state None: nullptr, zero upstream gradient).
 struct BackwardInputs {
   StepConfig cfg;
   const float *phi, *grad, *state, *d_update, *d_new_state;
   int64_t n;
   float scale;
-  py::array d_new_state_array;  // keeps a converted d_new_state alive
+  py::array d_new_state_array;  // keep converted optional inputs alive
   const float* activations = nullptr;
   py::array activations_array;
 };
@@ -149,17 +157,9 @@ BackwardInputs checked_backward_inputs(const py::array& phi, const py::array& gr
   in.n = grad.shape(0);
   in.state = checked(state, "state", {in.cfg.state_rows(), in.n});
   in.d_update = checked(d_update, "d_update", {in.n});
-  in.d_new_state = nullptr;
-  if (!d_new_state.is_none()) {
-    if (!py::isinstance<py::array>(d_new_state)) throw py::value_error("d_new_state must be a float32 array or None");
-    in.d_new_state_array = d_new_state.cast<py::array>();
-    in.d_new_state = checked(in.d_new_state_array, "d_new_state", {in.cfg.state_rows(), in.n});
-  }
-  if (!activations.is_none()) {
-    if (!py::isinstance<py::array>(activations)) throw py::value_error("activations must be a float32 array or None");
-    in.activations_array = activations.cast<py::array>();
-    in.activations = checked(in.activations_array, "activations", {in.cfg.activation_rows(), in.n});
-  }
+  in.d_new_state = checked_optional(d_new_state, "d_new_state", {in.cfg.state_rows(), in.n}, &in.d_new_state_array);
+  in.activations = checked_optional(activations, "activations", {in.cfg.activation_rows(), in.n},
+                                    &in.activations_array);
   in.scale = checked_scale(scale);
   return in;
 }

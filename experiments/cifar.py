@@ -132,8 +132,8 @@ common.check("validation_size", _validation_size_problem)
 common.check("cifar_dir", lambda path: None if path is None or os.path.isdir(os.path.expanduser(path)) else
              f"no such directory: {path}")
 common.check_positive("scale_selection_epochs")
-for _flag in ("cifar5_num_test_problems", "cifar2_num_test_problems"):
-    common.check(_flag, lambda value: None if value is None or value > 0 else "must be a positive count of problems")
+common.check_positive("cifar5_num_test_problems", allow_none=True)
+common.check_positive("cifar2_num_test_problems", allow_none=True)
 common.check_together(["cifar_source", "cifar_dir"], lambda values: "--cifar_dir is read with "
                       "--cifar_source=directory or auto, not tfds" if values["cifar_source"] == "tfds"
                       and values["cifar_dir"] else None)

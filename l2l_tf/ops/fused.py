@@ -161,8 +161,8 @@ def _lstm_step_multi_grad(op, *upstream):
     # takes an empty [0] tensor for its zeros instead of an [S, N] one.
     d_new_states = [tf.zeros([0], tf.float32) if d is None else d for d in upstream[count:2 * count]]
     # The activations the forward saved; they have no gradient of their own (upstream[2 N:] is None). Where it saved
-    # none, [0, N] stand-ins (the kernel then recomputes them) rather than the op's empty outputs: a gradient that
-    # reads the forward's outputs measured ~1 ms slower per MNIST step, for nothing.
+    # none, [0, N] stand-ins (the kernel then recomputes them) rather than the op's empty outputs, so that the
+    # gradient does not wait for the forward op when nothing else makes it (a linear loss's constant upstream).
     if op.get_attr("save_activations"):
         activations = op.outputs[2 * count:3 * count]
     else:
