@@ -432,10 +432,11 @@ struct Outputs {
   Buffer update, new_state, d_phi, d_grad, d_state;
 };
 
-// Runs both kernels over [0, n), split at `cuts` (ranges called one after the other, as threads would). `saved`: the
-// forward writes its activations and the backward reads them instead of recomputing them.
+// Runs both kernels over [0, n), split at `cuts` (ranges called one after the other, as threads would; the backward
+// at `bwd_cuts` when given). `saved`: the forward writes its activations and the backward reads them instead of
+// recomputing them.
 Outputs run_kernels(const Problem& p, const std::vector<int64_t>& cuts = {}, bool null_dns = false,
-                    bool saved = false) {
+                    bool saved = false, const std::vector<int64_t>* bwd_cuts = nullptr) {
   const int64_t n = p.n, S = p.cfg.state_rows(), P = p.cfg.num_params();
   Outputs o{buffer(n), buffer(S * n), buffer(P), buffer(n), buffer(S * n)};
   Buffer act = buffer(saved ? p.cfg.activation_rows() * n : 1);
@@ -444,16 +445,20 @@ Outputs run_kernels(const Problem& p, const std::vector<int64_t>& cuts = {}, boo
   std::copy(p.state.begin(), p.state.end(), state.get());
   std::copy(p.du.begin(), p.du.end(), du.get());
   std::copy(p.dns.begin(), p.dns.end(), dns.get());
-  std::vector<int64_t> bounds = {0};
-  for (int64_t c : cuts) bounds.push_back(c);
-  bounds.push_back(n);
-  for (size_t r = 0; r + 1 < bounds.size(); ++r) {
-    l2l::lstm_step_forward_cpu(p.cfg, p.phi.data(), grad.get(), state.get(), p.scale, n, bounds[r], bounds[r + 1],
+  auto bounds_of = [n](const std::vector<int64_t>& at) {
+    std::vector<int64_t> bounds = {0};
+    for (int64_t c : at) bounds.push_back(c);
+    bounds.push_back(n);
+    return bounds;
+  };
+  const std::vector<int64_t> fb = bounds_of(cuts), bb = bounds_of(bwd_cuts ? *bwd_cuts : cuts);
+  for (size_t r = 0; r + 1 < fb.size(); ++r)
+    l2l::lstm_step_forward_cpu(p.cfg, p.phi.data(), grad.get(), state.get(), p.scale, n, fb[r], fb[r + 1],
                                o.update.get(), o.new_state.get(), saved ? act.get() : nullptr);
-    l2l::lstm_step_backward_cpu(p.cfg, p.phi.data(), grad.get(), state.get(), p.scale, n, bounds[r], bounds[r + 1],
+  for (size_t r = 0; r + 1 < bb.size(); ++r)
+    l2l::lstm_step_backward_cpu(p.cfg, p.phi.data(), grad.get(), state.get(), p.scale, n, bb[r], bb[r + 1],
                                 du.get(), null_dns ? nullptr : dns.get(), o.d_phi.get(), o.d_grad.get(),
                                 o.d_state.get(), saved ? act.get() : nullptr);
-  }
   return o;
 }
 
@@ -505,12 +510,20 @@ void check_against_reference(const Problem& p, const char* label) {
       !bitwise_equal(split.d_grad.get(), o.d_grad.get(), n) ||
       !bitwise_equal(split.d_state.get(), o.d_state.get(), S * n))
     fail(name_of(p.cfg) + " " + label + ": splitting [0, n) into ranges changed a per-coordinate output");
-  // The backward reading the forward's saved activations is the recomputing backward, bit for bit.
+  // The backward reading the forward's saved activations is the recomputing backward, bit for bit; also when the
+  // forward and the backward split [0, n) differently (the saved layout is the same whatever the ranges).
   const Outputs read = run_kernels(p, cuts, false, /*saved=*/true);
   if (!bitwise_equal(read.d_phi.get(), split.d_phi.get(), P) ||
       !bitwise_equal(read.d_grad.get(), split.d_grad.get(), n) ||
       !bitwise_equal(read.d_state.get(), split.d_state.get(), S * n))
     fail(name_of(p.cfg) + " " + label + ": the backward with saved activations differs from the recomputing one");
+  const std::vector<int64_t> none;
+  const Outputs read_whole = run_kernels(p, cuts, false, /*saved=*/true, &none);
+  const Outputs whole = run_kernels(p);
+  if (!bitwise_equal(read_whole.d_phi.get(), whole.d_phi.get(), P) ||
+      !bitwise_equal(read_whole.d_grad.get(), whole.d_grad.get(), n) ||
+      !bitwise_equal(read_whole.d_state.get(), whole.d_state.get(), S * n))
+    fail(name_of(p.cfg) + " " + label + ": activations saved over ranges, read over [0, n), differ");
   Reference ref(p.cfg, std::vector<double>(p.phi.begin(), p.phi.end()), p.scale);
   Worst fu{"update"}, fs{"new_state"}, dg{"d_grad"}, ds{"d_state"}, dp{"d_phi"}, dps{"d_phi (ranges)"};
   int64_t overflows = 0;

@@ -45,6 +45,9 @@ enum class Preprocess : int32_t { kNone = 0, kPaper = 1, kClamped = 2 };
 constexpr float kPreprocessParamMin = 1e-3f;
 constexpr float kPreprocessParamMax = 80.0f;
 
+// Coordinates per block of the saved activations (see lstm_step_forward_cpu).
+constexpr int kActivationGroup = 64;
+
 struct StepConfig {
   int32_t hidden1 = 20;
   int32_t hidden2 = 20;
@@ -70,12 +73,16 @@ const char* validate_config(const StepConfig& cfg);
 
 // ---- CPU (lstm_step_cpu.cc). Each call handles coordinates [begin, end) of an N-coordinate problem;
 // the caller splits the range across threads (the TF op with its thread pool, pybind11 with std::thread).
-// activations (optional, [activation_rows(), n] like the state): the forward also writes the activations the
-// backward needs, so that a backward given them does not recompute them (a meta-training unroll keeps them between
-// its forward and backward passes: 800 bytes per coordinate and step at 20/20 units, against the forward's two gate
-// GEMMs and pointwise math again). Rows: layer 1's i, f, g, o gates (after their sigmoid / tanh) and tanh(c1'), H1
-// rows each, then layer 2's likewise. With activations the outputs are computed from them one by one, and may differ
-// from the fused forward's (sigmoid * tanh in one reciprocal) by an ulp or two.
+// activations (optional, activation_rows() * n floats): the forward also writes the activations the backward needs,
+// so that a backward given them does not recompute them (a meta-training unroll keeps them between its forward and
+// backward passes: 800 bytes per coordinate and step at 20/20 units, against the forward's two gate GEMMs and
+// pointwise math again). Layout, blocked so that the backward reads them front to back (rows n apart, like the
+// state, put a unit's 5 values 1.25 MB apart at n = 15,680 and made the backward wait on memory): per group of
+// kActivationGroup coordinates (the tensor's last group may be narrower: w = n - its first coordinate), a row-major
+// [activation_rows(), w] block at activations + activation_rows() * (the group's first coordinate). Rows: layer 1
+// unit by unit, 5 rows per unit (its i, f, g, o gates after their sigmoid / tanh, then tanh(c1')), then layer 2's
+// likewise: row 5 j + q for layer 1, 5 H1 + 5 j + q for layer 2. With activations the outputs are computed from them
+// one by one, and may differ from the fused forward's (sigmoid * tanh in one reciprocal) by an ulp or two.
 void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad,
                            const float* state, float scale, int64_t n, int64_t begin, int64_t end,
                            float* update, float* new_state, float* activations = nullptr);

@@ -319,6 +319,8 @@ constexpr int kKR = 4;                    // rows of W^T per tile in the input-g
 constexpr int kGR = (kW == 16) ? 4 : 2;   // weight-gradient tile: gate rows
 constexpr int kKC = (kW == 16) ? 5 : 3;   //                       input columns
 static_assert(kChunk % kSub == 0, "chunk must hold whole sub-blocks");
+static_assert(kActivationGroup % kSub == 0 && kChunk % kActivationGroup == 0,
+              "a sub-block lies in one block of the saved activations, a chunk holds whole blocks");
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -373,6 +375,14 @@ class Prefetcher {
   Stream s_[kMax];
   int ns_ = 0, si_ = 0, row_ = 0, line_ = 0, per_call_ = 0;
   int64_t total_ = 0;
+};
+
+// Where one chunk's activations are: sub-block s's rows start at at(s), lda floats apart. Blocked: a kernel output
+// in the saved layout (lstm_step.h), p at the chunk's first block; staged: scratch rows kLd apart (act1_).
+struct ActView {
+  float* p = nullptr;
+  int64_t lda = 0, group = 0;  // floats between rows, and from one block of kActivationGroup columns to the next
+  L2L_INLINE float* at(int s) const { return p + (s / kActivationGroup) * group + s % kActivationGroup; }
 };
 
 bool aligned64(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
@@ -430,8 +440,8 @@ class Kernel {
     const int64_t o_gbuf = take(4LL * std::max(H1_, H2_) * kSub);
     const int64_t o_gs = take(kLd), o_sts = take(int64_t(S_) * kLd);
     const int64_t o_us = take(kLd), o_nss = take(int64_t(S_) * kLd);
-    // Activations, layer 2's right after layer 1's (so act1_ + 5 H1 kLd == act2_, the saved layout at stride kLd).
-    const int64_t o_act1 = take(5LL * H1_ * kLd), o_act2 = take(5LL * H2_ * kLd);
+    // Activations staged or recomputed: the saved layout's rows (layer 1's, then layer 2's) at stride kLd.
+    const int64_t o_act1 = take(cfg.activation_rows() * kLd);
     int64_t o_wt1 = 0, o_wt2 = 0, o_dz1 = 0, o_dz2 = 0, o_dh1 = 0, o_dx = 0, o_dy = 0,
             o_junk = 0, o_zero = 0, o_lw1 = 0, o_lw2 = 0, o_lb1 = 0, o_lb2 = 0, o_lwo = 0, o_lbo = 0;
     if (backward_) {
@@ -461,7 +471,7 @@ class Kernel {
     wp1_ = m + o_wp1; bp1_ = m + o_bp1; wp2_ = m + o_wp2; bp2_ = m + o_bp2;
     in1_ = m + o_in1; in2_ = m + o_in2; gbuf_ = m + o_gbuf;
     gs_ = m + o_gs; sts_ = m + o_sts; us_ = m + o_us; nss_ = m + o_nss;
-    act1_ = m + o_act1; act2_ = m + o_act2;
+    act1_ = m + o_act1;
     pack(W1_, b1_, H1_, K1_, wp1_, bp1_);
     pack(W2_, b2_, H2_, K2_, wp2_, bp2_);
     if (backward_) {
@@ -483,8 +493,8 @@ class Kernel {
   void forward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end, float* update,
                float* new_state, float* act = nullptr) {
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(update) && aligned64(new_state);
-    const bool nt_act = act && n % 16 == 0 && begin % 16 == 0 && aligned64(act);
-    const int A = int(cfg_.activation_rows());
+    const bool nt_act = act && aligned64(act);  // blocks start at multiples of 64 A floats
+    const int64_t A = cfg_.activation_rows();
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
       const int64_t next = c0 + kChunk, ncols = std::min<int64_t>(kChunk, end - next);
@@ -492,24 +502,31 @@ class Kernel {
       pf_.add(grad + next, 0, 1, ncols, false);
       pf_.add(state + next, n, S_, ncols, false);
       if (!nt && new_state != state) pf_.add(new_state + next, n, S_, ncols, true);
-      if (act && !nt_act) pf_.add(act + next, n, A, ncols, true);
-      pf_.plan((kChunk / kSub) * (H1_ + H2_));
+      if (act && !nt_act) pf_.add(act + A * next, 0, 1, A * ncols, true);  // one range in the saved layout
+      pf_.plan(forward_steps());
       if (cnt == kChunk) {
         nt_ = nt;
-        nt_act_ = nt_act;
-        if (act) fwd_chunk<kSave>(grad + c0, state + c0, n, update + c0, new_state + c0, n, kChunk, act + c0, n);
-        else fwd_chunk<kOut>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
+        if (act) {
+          // Straight into the saved layout where the chunk is whole blocks, else through act1_.
+          const bool direct = direct_act(n, c0);
+          nt_act_ = direct && nt_act;
+          fwd_chunk<kSave>(grad + c0, state + c0, n, update + c0, new_state + c0, n, kChunk,
+                           direct ? blocked_act(act, c0) : staged_act());
+          if (!direct) move_act<true>(act, n, c0, kChunk);
+        } else {
+          fwd_chunk<kOut>(grad + c0, state + c0, n, update + c0, new_state + c0, n);
+        }
         nt_ = nt_act_ = false;
       } else {
         // A partial chunk: only the sub-blocks holding its columns (a call for a 20-coordinate bias then costs
-        // one sub-block, not a whole chunk), through the staging rows (the activations through act1_/act2_).
+        // one sub-block, not a whole chunk), through the staging rows (the activations through act1_).
         const int cols = int(round_up(cnt, kSub));
         stage_in(grad + c0, state + c0, n, cnt, cols);
-        if (act) fwd_chunk<kSave>(gs_, sts_, kLd, us_, nss_, kLd, cols, act1_, kLd);
+        if (act) fwd_chunk<kSave>(gs_, sts_, kLd, us_, nss_, kLd, cols, staged_act());
         else fwd_chunk<kOut>(gs_, sts_, kLd, us_, nss_, kLd, cols);
         unstage_rows(update + c0, n, us_, 1, cnt);
         unstage_rows(new_state + c0, n, nss_, S_, cnt);
-        if (act) unstage_rows(act + c0, n, act1_, A, cnt);
+        if (act) move_act<true>(act, n, c0, cnt);
       }
     }
     store_fence();
@@ -519,7 +536,9 @@ class Kernel {
   void backward(const float* grad, const float* state, int64_t n, int64_t begin, int64_t end,
                 const float* d_update, const float* d_new_state, float* d_grad, float* d_state,
                 const float* act = nullptr) {
-    const int A = int(cfg_.activation_rows());
+    const int64_t A = cfg_.activation_rows();
+    // Read only: ActView holds a float* for the forward's sake.
+    float* const saved = const_cast<float*>(act);
     const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(d_grad) && aligned64(d_state);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
@@ -529,14 +548,21 @@ class Kernel {
       pf_.add(d_update + next, 0, 1, ncols, false);
       pf_.add(state + next, n, S_, ncols, false);
       if (d_new_state) pf_.add(d_new_state + next, n, S_, ncols, false);
-      if (act) pf_.add(act + next, n, A, ncols, false);
+      if (act) pf_.add(act + A * next, 0, 1, A * ncols, false);  // one range in the saved layout
       if (!nt && d_state != d_new_state) pf_.add(d_state + next, n, S_, ncols, true);
-      pf_.plan((act ? 1 : 2) * (kChunk / kSub) * (H1_ + H2_));
+      pf_.plan(backward_steps(act != nullptr));
       if (cnt == kChunk) {
         const float* dns = d_new_state ? d_new_state + c0 : zero_;
+        ActView av;  // none: recompute
+        if (act && direct_act(n, c0)) {
+          av = blocked_act(saved, c0);
+        } else if (act) {
+          move_act<false>(saved, n, c0, kChunk, kChunk);
+          av = staged_act();
+        }
         nt_ = nt;
         bwd_chunk(grad + c0, state + c0, n, d_update + c0, dns, d_new_state ? n : 0, d_grad + c0,
-                  d_state + c0, n, kChunk, act ? act + c0 : nullptr, n);
+                  d_state + c0, n, kChunk, av);
         nt_ = false;
       } else {
         // A partial chunk: only the sub-blocks holding its columns (a 20-coordinate bias costs one sub-block, not a
@@ -548,10 +574,10 @@ class Kernel {
         float* dnss = nss_;
         stage_rows(dus, d_update + c0, n, 1, cnt, cols);
         stage_rows(dnss, d_new_state ? d_new_state + c0 : nullptr, n, S_, cnt, cols);
-        // Saved activations: staged at stride kLd, zero-padded (the padded columns' dz are 0 either way).
-        if (act) stage_rows(act1_, act + c0, n, A, cnt, cols);
+        // Saved activations: staged in act1_, zero-padded (the padded columns' dz are 0 either way).
+        if (act) move_act<false>(saved, n, c0, cnt, cols);
         // Outputs go to the same staging buffers (d_grad over d_update, d_state over d_new_state: allowed).
-        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols, act ? act1_ : nullptr, kLd);
+        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols, act ? staged_act() : ActView{});
         unstage_rows(d_grad + c0, n, dus, 1, cnt);
         unstage_rows(d_state + c0, n, dnss, S_, cnt);
       }
@@ -594,6 +620,45 @@ class Kernel {
   // The first cnt columns of rows staging rows (stride kLd) back to dst (rows ld apart).
   static void unstage_rows(float* dst, int64_t ld, const float* src, int rows, int64_t cnt) {
     for (int r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + int64_t(r) * kLd, sizeof(float) * cnt);
+  }
+
+  ActView staged_act() const { return {act1_, kLd, kActivationGroup}; }
+  ActView blocked_act(float* act, int64_t c0) const {
+    const int64_t A = cfg_.activation_rows();
+    return {act + A * c0, kActivationGroup, A * kActivationGroup};
+  }
+  // True when the whole chunk at c0 is full-width blocks of the saved layout (read and written in place).
+  static bool direct_act(int64_t n, int64_t c0) {
+    return c0 % kActivationGroup == 0 && c0 + kChunk <= n / kActivationGroup * kActivationGroup;
+  }
+
+  // Columns [c0, c0 + cnt) between the saved layout and act1_: kToSaved writes them out, else reads them in and
+  // zero-pads act1_ to `pad` columns.
+  template <bool kToSaved>
+  void move_act(float* act, int64_t n, int64_t c0, int64_t cnt, int64_t pad = 0) {
+    const int64_t A = cfg_.activation_rows();
+    if (!kToSaved && pad > cnt)
+      for (int64_t r = 0; r < A; ++r) std::memset(act1_ + r * kLd + cnt, 0, sizeof(float) * (pad - cnt));
+    for (int64_t lo = c0, hi; lo < c0 + cnt; lo = hi) {
+      const int64_t first = lo / kActivationGroup * kActivationGroup;
+      const int64_t w = std::min<int64_t>(kActivationGroup, n - first);
+      hi = std::min(c0 + cnt, first + w);
+      for (int64_t r = 0; r < A; ++r) {
+        float* block = act + A * first + r * w + (lo - first);
+        float* staged = act1_ + r * kLd + (lo - c0);
+        if (kToSaved) std::memcpy(block, staged, sizeof(float) * (hi - lo));
+        else std::memcpy(staged, block, sizeof(float) * (hi - lo));
+      }
+    }
+  }
+
+  // Prefetcher::step() calls in a whole chunk's forward and backward: one per unit in the gate GEMMs and the
+  // pointwise math, per row tile of the input gradients, per tile of the weight gradients (the next chunk's lines
+  // spread over all of them, so that no phase waits on memory alone).
+  int forward_steps() const { return (kChunk / kSub) * 2 * (H1_ + H2_); }
+  int backward_steps(bool saved) const {
+    const int per_sub = (saved ? 0 : 2 * (H1_ + H2_)) + H1_ + H2_ + (K1u_ + K2u_) / kKR;
+    return (kChunk / kSub) * per_sub + (4 * H1_ / kGR) * (K1w_ / kKC) + (4 * H2_ / kGR) * (K2w_ / kKC);
   }
 
   // Attributes the ticks since the previous mark to `phase` (when a PhaseCycles is installed on this thread).
@@ -679,8 +744,10 @@ class Kernel {
   // vectors (16 accumulators with AVX-512). Not inlined and separate from the pointwise math, so that the
   // accumulators own the registers and the FMA stream runs uninterrupted across units.
   __attribute__((noinline)) static void gates(const float* __restrict wp, const float* __restrict bp,
-                                              const float* __restrict in, int K, int H, float* __restrict out) {
+                                              const float* __restrict in, int K, int H, float* __restrict out,
+                                              Prefetcher* pf) {
     for (int j = 0; j < H; ++j) {
+      pf->step();
       const float* wpj = wp + int64_t(j) * K * 4;
       vf acc[4][kNV];
 #pragma GCC unroll 4
@@ -725,23 +792,22 @@ class Kernel {
 
   // ---- forward of one chunk of kChunk coordinates (of its first `cols`, a multiple of kSub). st/ns: first row of
   // the chunk, rows lds/ldn apart. kOut: write the outputs. kRecompute (the backward's): keep the activations in
-  // act1_/act2_ (and h1' in in2_) instead. kSave: write the outputs and the activations (rows of `act`, lda apart,
-  // in the saved layout of lstm_step.h); the activations are those kRecompute computes, bit for bit, and the
-  // outputs are computed from them (within an ulp or two of kOut's, which fuses sigmoid * tanh).
+  // act1_ (and h1' in in2_) instead. kSave: write the outputs and the activations (to `av`, in the row order of the
+  // saved layout of lstm_step.h); the activations are those kRecompute computes, bit for bit, and the outputs are
+  // computed from them (within an ulp or two of kOut's, which fuses sigmoid * tanh).
   template <int kMode>
   void fwd_chunk(const float* __restrict g, const float* st, int64_t lds, float* up, float* ns, int64_t ldn,
-                 int cols = kChunk, float* act = nullptr, int64_t lda = 0) {
+                 int cols = kChunk, ActView av = {}) {
     constexpr bool kSep = kMode != kOut;  // activations computed one by one
-    if (kMode == kRecompute) {
-      act = act1_;
-      lda = kLd;
-    }
+    if (kMode == kRecompute) av = staged_act();
+    const int64_t lda = av.lda;
     stage_inputs(g, st, lds, cols);
     mark(kPhaseStage);
 
     for (int s = 0; s < cols; s += kSub) {
+      float* const as = av.at(s);  // this sub-block's activation rows (kSep)
       // Layer 1.
-      gates(wp1_, bp1_, in1_ + s, K1_, H1_, gbuf_);
+      gates(wp1_, bp1_, in1_ + s, K1_, H1_, gbuf_, &pf_);
       mark(kPhaseGates1);
       for (int j = 0; j < H1_; ++j) {
         pf_.step();
@@ -758,7 +824,7 @@ class Kernel {
             vf tc = tanh_(cn);
             const vf h = og * tc;
             store(in2_ + int64_t(j) * kLd + off, h);
-            store_act5(act + int64_t(j) * lda + off, int64_t(H1_) * lda, ig, fg, gg, og, tc, kMode == kSave);
+            store_act5(as + 5LL * j * lda + v * kW, lda, ig, fg, gg, og, tc, kMode == kSave);
             if (kMode == kSave) {
               store_out(ns + int64_t(j) * ldn + off, h);
               store_out(ns + (int64_t(H1_) + j) * ldn + off, cn);
@@ -777,7 +843,7 @@ class Kernel {
       vf ua[kNV];
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) ua[v] = splat(0.0f);
-      gates(wp2_, bp2_, in2_ + s, K2_, H2_, gbuf_);
+      gates(wp2_, bp2_, in2_ + s, K2_, H2_, gbuf_, &pf_);
       mark(kPhaseGates2);
       for (int j = 0; j < H2_; ++j) {
         pf_.step();
@@ -793,7 +859,7 @@ class Kernel {
             vf ig = sigmoid(zi), fg = sigmoid(zf), gg = tanh_(zg), og = sigmoid(zo);
             vf cn = vfma(fg, loadu(cold + v * kW), ig * gg);
             vf tc = tanh_(cn);
-            store_act5(act + (5LL * H1_ + j) * lda + off, int64_t(H2_) * lda, ig, fg, gg, og, tc, kMode == kSave);
+            store_act5(as + (5LL * H1_ + 5LL * j) * lda + v * kW, lda, ig, fg, gg, og, tc, kMode == kSave);
             if (kMode == kSave) {
               const vf h = og * tc;
               store_out(ns + (2 * int64_t(H1_) + j) * ldn + off, h);
@@ -817,13 +883,12 @@ class Kernel {
     }
   }
 
-  // Backward of the pointwise LSTM math of unit j of one layer, one vector: dh (into h'), the upstream dc',
-  // c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums of the 4 gates).
-  L2L_INLINE void cell_backward(const float* act, int H, int j, int off, vf dh, vf dc_in, vf cold, float* dz,
-                                float* dcold_out, vf (&sb)[4]) {
-    const int64_t st5 = int64_t(H) * lda_;
-    const float* a = act + int64_t(j) * lda_ + off;
-    vf ig = loadu(a), fg = loadu(a + st5), gg = loadu(a + 2 * st5), og = loadu(a + 3 * st5), tc = loadu(a + 4 * st5);
+  // Backward of the pointwise LSTM math of unit j of one layer, one vector: its 5 activations (at a, lda apart), dh
+  // (into h'), the upstream dc', c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums
+  // of the 4 gates).
+  L2L_INLINE void cell_backward(const float* a, int64_t lda, int H, int j, int off, vf dh, vf dc_in, vf cold,
+                                float* dz, float* dcold_out, vf (&sb)[4]) {
+    vf ig = loadu(a), fg = loadu(a + lda), gg = loadu(a + 2 * lda), og = loadu(a + 3 * lda), tc = loadu(a + 4 * lda);
     const vf one = splat(1.0f);
     vf dc = vfma(dh * og, one - tc * tc, dc_in);
     vf dzo = dh * tc * og * (one - og);
@@ -853,8 +918,9 @@ class Kernel {
   // Rows [out_lo, out_hi) are kernel outputs (d_state rows), the others local buffers.
   __attribute__((noinline)) static void input_grad(const float* __restrict wt, int Ku, int G,
                                                    const float* __restrict dz, float* const* rows, int out_lo,
-                                                   int out_hi, bool nt) {
+                                                   int out_hi, bool nt, Prefetcher* pf) {
     for (int k0 = 0; k0 < Ku; k0 += kKR) {
+      pf->step();
       vf acc[kKR][kNV];
 #pragma GCC unroll 4
       for (int r = 0; r < kKR; ++r)
@@ -889,9 +955,10 @@ class Kernel {
 
   // lanes[g][k] (kW partial sums each) += sum over the chunk of dz[g][:] * u[k][:].
   __attribute__((noinline)) static void weight_grad(float* __restrict lanes, int G, int Kw, const float* __restrict dz,
-                          const float* __restrict u, int cols) {
+                          const float* __restrict u, int cols, Prefetcher* pf) {
     for (int g0 = 0; g0 < G; g0 += kGR) {
       for (int k0 = 0; k0 < Kw; k0 += kKC) {
+        pf->step();
         vf acc[kGR][kKC];
 #pragma GCC unroll 8
         for (int r = 0; r < kGR; ++r)
@@ -919,27 +986,27 @@ class Kernel {
     }
   }
 
-  // ---- backward of one chunk: with the activations the forward saved (`act`, rows lda apart), else recomputing
-  // them (the forward's two gate GEMMs and pointwise math again).
+  // ---- backward of one chunk: with the activations the forward saved (`av`), else (av.p null) recomputing them
+  // (the forward's two gate GEMMs and pointwise math again).
   void bwd_chunk(const float* g, const float* st, int64_t lds, const float* du, const float* dns, int64_t lddn,
-                 float* dg, float* ds, int64_t ldd, int cols = kChunk, const float* act = nullptr, int64_t lda = 0) {
-    const float *a1 = act1_, *a2 = act2_;
-    if (act) {
+                 float* dg, float* ds, int64_t ldd, int cols = kChunk, ActView av = {}) {
+    if (av.p) {
       stage_inputs(g, st, lds, cols);
       // h1' = o1 * tanh(c1'), as the forward computed it (the input of layer 2's weight gradient).
-      for (int j = 0; j < H1_; ++j) {
-        const float* og = act + (3LL * H1_ + j) * lda;
-        const float* tc = act + (4LL * H1_ + j) * lda;
-        for (int col = 0; col < cols; col += kW)
-          store(in2_ + int64_t(j) * kLd + col, loadu(og + col) * loadu(tc + col));
+      for (int s = 0; s < cols; s += kSub) {
+        const float* as = av.at(s);
+        for (int j = 0; j < H1_; ++j) {
+          const float* og = as + (5LL * j + 3) * av.lda;
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v)
+            store(in2_ + int64_t(j) * kLd + s + v * kW, loadu(og + v * kW) * loadu(og + av.lda + v * kW));
+        }
       }
-      a1 = act;
-      a2 = act + 5LL * H1_ * lda;
-      lda_ = lda;
     } else {
       fwd_chunk<kRecompute>(g, st, lds, nullptr, nullptr, 0, cols);
-      lda_ = kLd;
+      av = staged_act();
     }
+    const int64_t lda = av.lda;
     for (int col = 0; col < cols; col += kW) store(dy_ + col, splat(scale_) * loadu(du + col));
     const int64_t H1 = H1_, H2 = H2_;
     // Row pointers of the input-gradient outputs (at column 0 of the chunk).
@@ -956,6 +1023,7 @@ class Kernel {
     float** rows = rows_.data();
     mark(kPhaseStage);
     for (int s = 0; s < cols; s += kSub) {
+      const float* const as = av.at(s);
       // Layer 2 (and the output layer).
       for (int j = 0; j < H2_; ++j) {
         pf_.step();
@@ -966,11 +1034,10 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           const vf dyv = load(dy_ + off);
-          const float* a = a2 + int64_t(j) * lda_ + off;
-          const int64_t st5 = H2 * lda_;
-          dwo = vfma(dyv, loadu(a + 3 * st5) * loadu(a + 4 * st5), dwo);
+          const float* a = as + (5 * H1 + 5LL * j) * lda + v * kW;
+          dwo = vfma(dyv, loadu(a + 3 * lda) * loadu(a + 4 * lda), dwo);
           vf dh = vfma(dyv, wo, loadu(dns + (2 * H1 + j) * lddn + off));
-          cell_backward(a2, H2_, j, off, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
+          cell_backward(a, lda, H2_, j, off, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
                         loadu(st + (2 * H1 + H2 + j) * lds + off), dz2_, ds + (2 * H1 + H2 + j) * ldd + off, sb);
         }
         store(lwo_ + int64_t(j) * kW, dwo);
@@ -984,7 +1051,7 @@ class Kernel {
       }
       mark(kPhaseCellBackward2);
       for (int k = 0; k < K2u_; ++k) rows[k] = urow2_[k] + s;
-      input_grad(wt2_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_);
+      input_grad(wt2_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_, &pf_);
       mark(kPhaseInputGrad2);
       // Layer 1.
       for (int j = 0; j < H1_; ++j) {
@@ -994,14 +1061,15 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           vf dh = load(dh1_ + int64_t(j) * kLd + off) + loadu(dns + int64_t(j) * lddn + off);
-          cell_backward(a1, H1_, j, off, dh, loadu(dns + (H1 + j) * lddn + off), loadu(st + (H1 + j) * lds + off),
+          cell_backward(as + 5LL * j * lda + v * kW, lda, H1_, j, off, dh, loadu(dns + (H1 + j) * lddn + off),
+                        loadu(st + (H1 + j) * lds + off),
                         dz1_, ds + (H1 + j) * ldd + off, sb);
         }
         add_bias_lanes(lb1_, H1_, j, sb);
       }
       mark(kPhaseCellBackward1);
       for (int k = 0; k < K1u_; ++k) rows[k] = urow1_[k] + s;
-      input_grad(wt1_, K1u_, 4 * H1_, dz1_ + s, rows, D_, K1_, nt_);
+      input_grad(wt1_, K1u_, 4 * H1_, dz1_ + s, rows, D_, K1_, nt_, &pf_);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) {
         const int off = s + v * kW;
@@ -1009,8 +1077,8 @@ class Kernel {
       }
       mark(kPhaseInputGrad1);
     }
-    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, in2_, cols);
-    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, in1_, cols);
+    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, in2_, cols, &pf_);
+    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, in1_, cols, &pf_);
     mark(kPhaseWeightGrad);
   }
 
@@ -1043,14 +1111,13 @@ class Kernel {
   float param_ = 1.0f, thr_ = 0.0f, ep_ = 1.0f;
   int K1w_, K2w_, K1u_, K2u_;
   float *wp1_, *bp1_, *wp2_, *bp2_, *in1_, *in2_, *gbuf_, *gs_, *sts_, *us_, *nss_;
-  float *wt1_ = nullptr, *wt2_ = nullptr, *act1_ = nullptr, *act2_ = nullptr, *dz1_ = nullptr, *dz2_ = nullptr;
+  float *wt1_ = nullptr, *wt2_ = nullptr, *act1_ = nullptr, *dz1_ = nullptr, *dz2_ = nullptr;
   float *dh1_ = nullptr, *dx_ = nullptr, *dy_ = nullptr, *junk_ = nullptr, *zero_ = nullptr;
   float *lw1_ = nullptr, *lw2_ = nullptr, *lb1_ = nullptr, *lb2_ = nullptr, *lwo_ = nullptr, *lbo_ = nullptr;
   std::vector<float*> urow1_, urow2_, rows_;
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
   bool nt_act_ = false;  // the same for the saved activations
-  int64_t lda_ = kLd;    // row stride of the activations the backward reads
   PhaseCycles* prof_ = nullptr;
   uint64_t last_ = 0;
 };

@@ -316,6 +316,8 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::arg("hidden1"), py::arg("hidden2"), py::arg("preprocess"),
       "Length of the flat phi vector for these sizes and preprocessing.");
+  // The saved activations' block width (lstm_step.h: how forward_cpu(save_activations=True) lays them out).
+  m.attr("activation_group") = l2l::kActivationGroup;
   m.def("forward_cpu", &l2l::forward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("hidden1") = 20, py::arg("hidden2") = 20, py::arg("preprocess") = "none",
         py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0, py::arg("save_activations") = false,

@@ -64,31 +64,48 @@ def test_backward_with_saved_activations_is_the_recomputing_backward_bit_for_bit
                 np.testing.assert_array_equal(a, b, err_msg=f"{name}, n={n}, threads={threads}")
 
 
-def test_saved_activations_are_the_lstm_gates_and_cell_tanh():
-    """Rows i, f, g, o, tanh(c') per layer, from a hand-computed LSTM step (one coordinate, no preprocessing)."""
+def _unblocked(act, n, group):
+    """[A, n] in coordinate order from the saved layout (csrc/lstm_step.h): per group of `group` coordinates (the last
+    may be narrower), a row-major [A, w] block at A * (its first coordinate)."""
+    flat, rows = act.reshape(-1), act.shape[0]
+    out = np.empty((rows, n), act.dtype)
+    for first in range(0, n, group):
+        w = min(group, n - first)
+        out[:, first:first + w] = flat[rows * first:rows * (first + w)].reshape(rows, w)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 150, 300])
+def test_saved_activations_are_the_lstm_gates_and_cell_tanh(n):
+    """Per layer and unit: i, f, g, o, tanh(c'), from a hand-computed LSTM step (no preprocessing), in the blocked
+    layout: whole blocks, a narrower last block, and a range that is not a whole 256-coordinate chunk."""
     k = _kernels()
     cfg = StepConfig(3, 2, "none")
     rng = np.random.default_rng(3)
-    phi, grad, state = _inputs(rng, cfg, 1)
-    grad[:] = 0.7
+    phi, grad, state = _inputs(rng, cfg, n)
+    grad[:] = rng.uniform(-1, 1, n).astype(np.float32)
     _, _, act = k.forward_cpu(phi, grad, state, 1.0, save_activations=True, **_args(cfg))
+    assert act.shape == (cfg.activation_rows, n)
     flat = phi.astype(np.float64)
-    h1, c1, h2, c2 = state[0:3, 0], state[3:6, 0], state[6:8, 0], state[8:10, 0]
+    st = state.astype(np.float64)
+    h1, c1, h2, c2 = st[0:3], st[3:6], st[6:8], st[8:10]
     sig = lambda z: 1 / (1 + np.exp(-z))
     w1 = flat[:4 * 3 * 4].reshape(12, 4)
     b1 = flat[48:60]
     w2 = flat[60:60 + 8 * 5].reshape(8, 5)
     b2 = flat[100:108]
     expected = []
-    for w, b, x, c, h in ((w1, b1, np.r_[0.7, h1], c1, 3), (w2, b2, None, c2, 2)):
+    for w, b, x, c, h in ((w1, b1, np.vstack([grad.astype(np.float64)[None], h1]), c1, 3), (w2, b2, None, c2, 2)):
         if x is None:
-            x = np.r_[h1_new, h2]
-        z = w @ x + b
+            x = np.vstack([h1_new, h2])
+        z = w @ x + b[:, None]
         i, f, g, o = sig(z[:h]), sig(z[h:2 * h]), np.tanh(z[2 * h:3 * h]), sig(z[3 * h:])
         c_new = f * c + i * g
-        expected += [i, f, g, o, np.tanh(c_new)]
+        # Unit by unit, its 5 rows together.
+        expected.append(np.stack([i, f, g, o, np.tanh(c_new)], axis=1).reshape(5 * h, n))
         h1_new = o * np.tanh(c_new)
-    np.testing.assert_allclose(act[:, 0], np.concatenate(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_unblocked(act, n, k.activation_group), np.concatenate(expected), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_bad_activations_are_clear_errors():
