@@ -474,6 +474,16 @@ class Kernel {
     act1_ = m + o_act1;
     pack(W1_, b1_, H1_, K1_, wp1_, bp1_);
     pack(W2_, b2_, H2_, K2_, wp2_, bp2_);
+    // GEMM input rows (stage_inputs sets the h rows): x and h1' in scratch; the weight gradient's padding rows
+    // (K..Kw) read the zero row (backward only; the gate GEMMs read rows < K).
+    u1_.assign(size_t(K1w_), nullptr);
+    u2_.assign(size_t(K2w_), nullptr);
+    for (int k = 0; k < D_; ++k) u1_[size_t(k)] = in1_ + int64_t(k) * kLd;
+    for (int k = 0; k < H1_; ++k) u2_[size_t(k)] = in2_ + int64_t(k) * kLd;
+    if (backward_) {
+      for (int k = K1_; k < K1w_; ++k) u1_[size_t(k)] = m + o_zero;
+      for (int k = K2_; k < K2w_; ++k) u2_[size_t(k)] = m + o_zero;
+    }
     if (backward_) {
       wt1_ = m + o_wt1; wt2_ = m + o_wt2;
       dz1_ = m + o_dz1; dz2_ = m + o_dz2;
@@ -744,7 +754,7 @@ class Kernel {
   // vectors (16 accumulators with AVX-512). Not inlined and separate from the pointwise math, so that the
   // accumulators own the registers and the FMA stream runs uninterrupted across units.
   __attribute__((noinline)) static void gates(const float* __restrict wp, const float* __restrict bp,
-                                              const float* __restrict in, int K, int H, float* __restrict out,
+                                              const float* const* in, int s, int K, int H, float* __restrict out,
                                               Prefetcher* pf) {
     for (int j = 0; j < H; ++j) {
       pf->step();
@@ -757,7 +767,7 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) acc[q][v] = b;
       }
       for (int k = 0; k < K; ++k) {
-        const float* u = in + int64_t(k) * kLd;
+        const float* u = in[k] + s;
         vf x[kNV];
 #pragma GCC unroll 4
         for (int v = 0; v < kNV; ++v) x[v] = load_reg(u + v * kW);
@@ -776,8 +786,9 @@ class Kernel {
     }
   }
 
-  // The GEMM inputs of one chunk's first `cols` columns: the preprocessed gradient and h1 (in1_), h2 (in2_ rows
-  // H1..; rows 0..H1-1 are h1', which the forward writes).
+  // The GEMM inputs of one chunk's first `cols` columns, as rows u1_ (layer 1: the preprocessed gradient, in in1_,
+  // then h1) and u2_ (layer 2: h1', which the forward writes to in2_, then h2). The h rows are the state's own where
+  // they are aligned rows (the GEMMs' aligned loads; no copy), else copies in in1_ / in2_.
   void stage_inputs(const float* __restrict g, const float* st, int64_t lds, int cols) {
     for (int col = 0; col < cols; col += kW) {
       vf f0, f1;
@@ -785,9 +796,19 @@ class Kernel {
       store(in1_ + col, f0);
       if (D_ == 2) store(in1_ + kLd + col, f1);
     }
-    for (int r = 0; r < H1_; ++r) std::memcpy(in1_ + int64_t(D_ + r) * kLd, st + r * lds, sizeof(float) * cols);
-    for (int r = 0; r < H2_; ++r)
-      std::memcpy(in2_ + int64_t(H1_ + r) * kLd, st + (2 * int64_t(H1_) + r) * lds, sizeof(float) * cols);
+    const bool direct = reinterpret_cast<uintptr_t>(st) % sizeof(vf) == 0 && lds % kW == 0;
+    for (int r = 0; r < H1_; ++r) {
+      const float* row = st + r * lds;
+      float* copy = in1_ + int64_t(D_ + r) * kLd;
+      if (!direct) std::memcpy(copy, row, sizeof(float) * cols);
+      u1_[D_ + r] = direct ? row : copy;
+    }
+    for (int r = 0; r < H2_; ++r) {
+      const float* row = st + (2 * int64_t(H1_) + r) * lds;
+      float* copy = in2_ + int64_t(H1_ + r) * kLd;
+      if (!direct) std::memcpy(copy, row, sizeof(float) * cols);
+      u2_[H1_ + r] = direct ? row : copy;
+    }
   }
 
   // ---- forward of one chunk of kChunk coordinates (of its first `cols`, a multiple of kSub). st/ns: first row of
@@ -807,7 +828,7 @@ class Kernel {
     for (int s = 0; s < cols; s += kSub) {
       float* const as = av.at(s);  // this sub-block's activation rows (kSep)
       // Layer 1.
-      gates(wp1_, bp1_, in1_ + s, K1_, H1_, gbuf_, &pf_);
+      gates(wp1_, bp1_, u1_.data(), s, K1_, H1_, gbuf_, &pf_);
       mark(kPhaseGates1);
       for (int j = 0; j < H1_; ++j) {
         pf_.step();
@@ -843,7 +864,7 @@ class Kernel {
       vf ua[kNV];
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) ua[v] = splat(0.0f);
-      gates(wp2_, bp2_, in2_ + s, K2_, H2_, gbuf_, &pf_);
+      gates(wp2_, bp2_, u2_.data(), s, K2_, H2_, gbuf_, &pf_);
       mark(kPhaseGates2);
       for (int j = 0; j < H2_; ++j) {
         pf_.step();
@@ -955,7 +976,7 @@ class Kernel {
 
   // lanes[g][k] (kW partial sums each) += sum over the chunk of dz[g][:] * u[k][:].
   __attribute__((noinline)) static void weight_grad(float* __restrict lanes, int G, int Kw, const float* __restrict dz,
-                          const float* __restrict u, int cols, Prefetcher* pf) {
+                          const float* const* u, int cols, Prefetcher* pf) {
     for (int g0 = 0; g0 < G; g0 += kGR) {
       for (int k0 = 0; k0 < Kw; k0 += kKC) {
         pf->step();
@@ -969,7 +990,7 @@ class Kernel {
 #pragma GCC unroll 8
           for (int r = 0; r < kGR; ++r) a[r] = load(dz + int64_t(g0 + r) * kLd + col);
 #pragma GCC unroll 8
-          for (int c = 0; c < kKC; ++c) b[c] = load(u + int64_t(k0 + c) * kLd + col);
+          for (int c = 0; c < kKC; ++c) b[c] = load(u[k0 + c] + col);
 #pragma GCC unroll 8
           for (int r = 0; r < kGR; ++r)
 #pragma GCC unroll 8
@@ -1077,8 +1098,8 @@ class Kernel {
       }
       mark(kPhaseInputGrad1);
     }
-    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, in2_, cols, &pf_);
-    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, in1_, cols, &pf_);
+    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, u2_.data(), cols, &pf_);
+    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, u1_.data(), cols, &pf_);
     mark(kPhaseWeightGrad);
   }
 
@@ -1115,6 +1136,7 @@ class Kernel {
   float *dh1_ = nullptr, *dx_ = nullptr, *dy_ = nullptr, *junk_ = nullptr, *zero_ = nullptr;
   float *lw1_ = nullptr, *lw2_ = nullptr, *lb1_ = nullptr, *lb2_ = nullptr, *lwo_ = nullptr, *lbo_ = nullptr;
   std::vector<float*> urow1_, urow2_, rows_;
+  std::vector<const float*> u1_, u2_;  // GEMM input rows of the current chunk (stage_inputs)
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
   bool nt_act_ = false;  // the same for the saved activations
