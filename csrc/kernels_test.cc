@@ -434,9 +434,9 @@ struct Outputs {
 
 // Runs both kernels over [0, n), split at `cuts` (ranges called one after the other, as threads would; the backward
 // at `bwd_cuts` when given). `saved`: the forward writes its activations and the backward reads them instead of
-// recomputing them.
+// recomputing them. `no_d_grad`: the backward is asked for no d_grad (left zero).
 Outputs run_kernels(const Problem& p, const std::vector<int64_t>& cuts = {}, bool null_dns = false,
-                    bool saved = false, const std::vector<int64_t>* bwd_cuts = nullptr) {
+                    bool saved = false, const std::vector<int64_t>* bwd_cuts = nullptr, bool no_d_grad = false) {
   const int64_t n = p.n, S = p.cfg.state_rows(), P = p.cfg.num_params();
   Outputs o{buffer(n), buffer(S * n), buffer(P), buffer(n), buffer(S * n)};
   Buffer act = buffer(saved ? p.cfg.activation_rows() * n : 1);
@@ -457,7 +457,8 @@ Outputs run_kernels(const Problem& p, const std::vector<int64_t>& cuts = {}, boo
                                o.update.get(), o.new_state.get(), saved ? act.get() : nullptr);
   for (size_t r = 0; r + 1 < bb.size(); ++r)
     l2l::lstm_step_backward_cpu(p.cfg, p.phi.data(), grad.get(), state.get(), p.scale, n, bb[r], bb[r + 1],
-                                du.get(), null_dns ? nullptr : dns.get(), o.d_phi.get(), o.d_grad.get(),
+                                du.get(), null_dns ? nullptr : dns.get(), o.d_phi.get(),
+                                no_d_grad ? nullptr : o.d_grad.get(),
                                 o.d_state.get(), saved ? act.get() : nullptr);
   return o;
 }
@@ -524,6 +525,14 @@ void check_against_reference(const Problem& p, const char* label) {
       !bitwise_equal(read_whole.d_grad.get(), whole.d_grad.get(), n) ||
       !bitwise_equal(read_whole.d_state.get(), whole.d_state.get(), S * n))
     fail(name_of(p.cfg) + " " + label + ": activations saved over ranges, read over [0, n), differ");
+  // Without d_grad (a first-order meta-gradient): d_phi and d_state unchanged, bit for bit, saved or recomputed.
+  for (bool with_saved : {false, true}) {
+    const Outputs no_dg = run_kernels(p, cuts, false, with_saved, nullptr, /*no_d_grad=*/true);
+    if (!bitwise_equal(no_dg.d_phi.get(), split.d_phi.get(), P) ||
+        !bitwise_equal(no_dg.d_state.get(), split.d_state.get(), S * n))
+      fail(name_of(p.cfg) + " " + label + ": the backward without d_grad changed d_phi or d_state" +
+           (with_saved ? " (saved activations)" : ""));
+  }
   Reference ref(p.cfg, std::vector<double>(p.phi.begin(), p.phi.end()), p.scale);
   Worst fu{"update"}, fs{"new_state"}, dg{"d_grad"}, ds{"d_state"}, dp{"d_phi"}, dps{"d_phi (ranges)"};
   int64_t overflows = 0;

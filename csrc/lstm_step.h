@@ -90,7 +90,8 @@ void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float*
 // Backward of the forward above. Without activations it recomputes them; with the ones the forward wrote for the
 // same phi, grad, state and scale, the results are the same bit for bit.
 // d_new_state may be nullptr (zero upstream gradient). d_grad and d_state are written for
-// [begin, end); d_phi_partial (num_params floats) is ACCUMULATED into, so each thread passes its own
+// [begin, end); d_grad may be nullptr (not wanted: a meta-gradient that stops at the optimizee gradient skips the
+// input rows of layer 1's input gradient; d_phi and d_state are the same bit for bit); d_phi_partial (num_params floats) is ACCUMULATED into, so each thread passes its own
 // buffer and the caller sums them (deterministic for a fixed split).
 void lstm_step_backward_cpu(const StepConfig& cfg, const float* phi, const float* grad,
                             const float* state, float scale, int64_t n, int64_t begin, int64_t end,
@@ -107,7 +108,7 @@ struct TensorArgs {
   float* new_state = nullptr;
   const float* d_update = nullptr;     // backward inputs
   const float* d_new_state = nullptr;
-  float* d_grad = nullptr;             // backward outputs
+  float* d_grad = nullptr;             // backward outputs (d_grad may stay nullptr: not wanted)
   float* d_state = nullptr;
   float* activations_out = nullptr;    // forward: also write the activations (optional)
   const float* activations = nullptr;  // backward: read them instead of recomputing (optional)

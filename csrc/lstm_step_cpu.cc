@@ -424,7 +424,9 @@ class Kernel {
     }
     K1w_ = round_up(K1_, kKC);
     K2w_ = round_up(K2_, kKC);
-    K1u_ = round_up(K1_, kKR);
+    // Layer 1's W^T rows (and output rows) hold round_up(K1, kKR) input rows, or from D on round_up(H1, kKR) (the
+    // input gradient without d_grad).
+    K1u_ = int(std::max(round_up(K1_, kKR), D_ + round_up(H1_, kKR)));
     K2u_ = round_up(K2_, kKR);
 
     // One aligned allocation for everything.
@@ -549,7 +551,7 @@ class Kernel {
     const int64_t A = cfg_.activation_rows();
     // Read only: ActView holds a float* for the forward's sake.
     float* const saved = const_cast<float*>(act);
-    const bool nt = n % 16 == 0 && begin % 16 == 0 && aligned64(d_grad) && aligned64(d_state);
+    const bool nt = n % 16 == 0 && begin % 16 == 0 && (!d_grad || aligned64(d_grad)) && aligned64(d_state);
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t cnt = std::min<int64_t>(kChunk, end - c0);
       const int64_t next = c0 + kChunk, ncols = std::min<int64_t>(kChunk, end - next);
@@ -571,7 +573,7 @@ class Kernel {
           av = staged_act();
         }
         nt_ = nt;
-        bwd_chunk(grad + c0, state + c0, n, d_update + c0, dns, d_new_state ? n : 0, d_grad + c0,
+        bwd_chunk(grad + c0, state + c0, n, d_update + c0, dns, d_new_state ? n : 0, d_grad ? d_grad + c0 : nullptr,
                   d_state + c0, n, kChunk, av);
         nt_ = false;
       } else {
@@ -587,8 +589,9 @@ class Kernel {
         // Saved activations: staged in act1_, zero-padded (the padded columns' dz are 0 either way).
         if (act) move_act<false>(saved, n, c0, cnt, cols);
         // Outputs go to the same staging buffers (d_grad over d_update, d_state over d_new_state: allowed).
-        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, dus, dnss, kLd, cols, act ? staged_act() : ActView{});
-        unstage_rows(d_grad + c0, n, dus, 1, cnt);
+        bwd_chunk(gs_, sts_, kLd, dus, dnss, kLd, d_grad ? dus : nullptr, dnss, kLd, cols,
+                  act ? staged_act() : ActView{});
+        if (d_grad) unstage_rows(d_grad + c0, n, dus, 1, cnt);
         unstage_rows(d_state + c0, n, dnss, S_, cnt);
       }
     }
@@ -937,7 +940,8 @@ class Kernel {
 
   // out rows k (pointers already at the sub-block): sum_g wt[g][k] dz[g][sub-block], for k < Ku.
   // Rows [out_lo, out_hi) are kernel outputs (d_state rows), the others local buffers.
-  __attribute__((noinline)) static void input_grad(const float* __restrict wt, int Ku, int G,
+  // (wt rows ldw apart; Ku a multiple of kKR.)
+  __attribute__((noinline)) static void input_grad(const float* __restrict wt, int ldw, int Ku, int G,
                                                    const float* __restrict dz, float* const* rows, int out_lo,
                                                    int out_hi, bool nt, Prefetcher* pf) {
     for (int k0 = 0; k0 < Ku; k0 += kKR) {
@@ -952,7 +956,7 @@ class Kernel {
         vf x[kNV];
 #pragma GCC unroll 4
         for (int v = 0; v < kNV; ++v) x[v] = load_reg(d + v * kW);
-        const float* w = wt + int64_t(g) * Ku + k0;
+        const float* w = wt + int64_t(g) * ldw + k0;
 #pragma GCC unroll 4
         for (int r = 0; r < kKR; ++r) {
           const vf wv = splat(w[r]);
@@ -1072,7 +1076,7 @@ class Kernel {
       }
       mark(kPhaseCellBackward2);
       for (int k = 0; k < K2u_; ++k) rows[k] = urow2_[k] + s;
-      input_grad(wt2_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_, &pf_);
+      input_grad(wt2_, K2u_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_, &pf_);
       mark(kPhaseInputGrad2);
       // Layer 1.
       for (int j = 0; j < H1_; ++j) {
@@ -1090,11 +1094,15 @@ class Kernel {
       }
       mark(kPhaseCellBackward1);
       for (int k = 0; k < K1u_; ++k) rows[k] = urow1_[k] + s;
-      input_grad(wt1_, K1u_, 4 * H1_, dz1_ + s, rows, D_, K1_, nt_, &pf_);
+      if (dg) {
+        input_grad(wt1_, K1u_, int(round_up(K1_, kKR)), 4 * H1_, dz1_ + s, rows, D_, K1_, nt_, &pf_);
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) {
-        const int off = s + v * kW;
-        store_out(dg + off, preprocess_backward(loadu(g + off), load(dx_ + off), load(dx_ + kLd + off)));
+        for (int v = 0; v < kNV; ++v) {
+          const int off = s + v * kW;
+          store_out(dg + off, preprocess_backward(loadu(g + off), load(dx_ + off), load(dx_ + kLd + off)));
+        }
+      } else {  // no d_grad wanted: the h1 rows only
+        input_grad(wt1_ + D_, K1u_, int(round_up(H1_, kKR)), 4 * H1_, dz1_ + s, rows + D_, 0, H1_, nt_, &pf_);
       }
       mark(kPhaseInputGrad1);
     }

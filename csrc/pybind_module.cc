@@ -5,11 +5,13 @@
 //   forward_cpu(phi, grad, state, scale, hidden1=20, hidden2=20, preprocess="none", preprocess_param=10.0,
 //               num_threads=0, save_activations=False) -> (update, new_state[, activations])
 //   backward_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
-//                preprocess="none", preprocess_param=10.0, num_threads=0, activations=None)
-//       -> (d_phi, d_grad, d_state)   (activations: what forward_cpu saved for the same inputs; None: recomputed)
+//                preprocess="none", preprocess_param=10.0, num_threads=0, activations=None, input_gradient=True)
+//       -> (d_phi, d_grad, d_state)   (activations: what forward_cpu saved for the same inputs; None: recomputed;
+//                                      input_gradient=False: d_grad is None, not computed)
 //   plan_shards(sizes, threads) -> [[(tensor, begin, end), ...], ...]   (how the TF op splits a multi-tensor step)
 //   phase_ticks_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
-//                   preprocess="none", preprocess_param=10.0, repeats=5, saved_activations=False)
+//                   preprocess="none", preprocess_param=10.0, repeats=5, saved_activations=False,
+//                   input_gradient=True)
 //       -> {"phases": [names], "forward": [ticks], "backward": [ticks], "tsc_hz": float}
 //       time-stamp-counter ticks per phase (lstm_step.h Phase) of one forward and one backward on this thread,
 //       the minimum over `repeats` runs of each phase (a benchmark mode; see experiments/bench_step.py)
@@ -193,16 +195,16 @@ py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::arr
 py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                        const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
                        const std::string& preprocess, double preprocess_param, int num_threads,
-                       const py::object& activations) {
+                       const py::object& activations, bool input_gradient) {
   const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
                                                     preprocess, preprocess_param, activations);
   const StepConfig& cfg = in.cfg;
   const int64_t n = in.n, P = cfg.num_params();
   py::array_t<float> d_phi({P});
-  py::array_t<float> d_grad = aligned_array({n});
+  py::array_t<float> d_grad = aligned_array({input_gradient ? n : 0});
   py::array_t<float> d_state = aligned_array({cfg.state_rows(), n});
   float* dphi_p = d_phi.mutable_data();
-  float* dg_p = d_grad.mutable_data();
+  float* dg_p = input_gradient ? d_grad.mutable_data() : nullptr;
   float* ds_p = d_state.mutable_data();
   const int threads = resolve_threads(num_threads, n);
   {
@@ -216,6 +218,7 @@ py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::ar
     for (int t = 1; t < threads; ++t)
       for (int64_t i = 0; i < P; ++i) dphi_p[i] += partial[size_t(t) * P + i];
   }
+  if (!input_gradient) return py::make_tuple(d_phi, py::none(), d_state);
   return py::make_tuple(d_phi, d_grad, d_state);
 }
 
@@ -250,7 +253,7 @@ double tsc_hz() {
 py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                          const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
                          const std::string& preprocess, double preprocess_param, int repeats,
-                         bool saved_activations) {
+                         bool saved_activations, bool input_gradient) {
   const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
                                                     preprocess, preprocess_param);
   const StepConfig& cfg = in.cfg;
@@ -271,7 +274,8 @@ py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::
                             new_state.mutable_data(), act);
       set_thread_phase_cycles(&b);
       lstm_step_backward_cpu(cfg, in.phi, in.grad, in.state, in.scale, n, 0, n, in.d_update, in.d_new_state,
-                             d_phi.data(), d_grad.mutable_data(), d_state.mutable_data(), act);
+                             d_phi.data(), input_gradient ? d_grad.mutable_data() : nullptr, d_state.mutable_data(),
+                             act);
       set_thread_phase_cycles(previous);
       for (int p = 0; p < kNumPhases; ++p) {
         fwd[p] = std::min(fwd[p], f.ticks[p]);
@@ -326,16 +330,17 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("backward_cpu", &l2l::backward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,
         py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
-        py::arg("activations") = py::none(),
+        py::arg("activations") = py::none(), py::arg("input_gradient") = true,
         "Backward of forward_cpu (d_new_state may be None; activations: what forward_cpu saved for the same "
-        "inputs, else None to recompute them) -> (d_phi [P], d_grad [N], d_state [S, N]).");
+        "inputs, else None to recompute them) -> (d_phi [P], d_grad [N], d_state [S, N]); input_gradient=False: "
+        "d_grad is None, not computed (d_phi and d_state are the same).");
   m.def("plan_shards", &l2l::plan_shards_py, py::arg("sizes"), py::arg("threads"),
         "How a multi-tensor step over tensors of these sizes is split into shards for `threads` threads: a list of "
         "shards, each a list of (tensor, begin, end).");
   m.def("phase_ticks_cpu", &l2l::phase_ticks_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"),
         py::arg("scale"), py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20,
         py::arg("hidden2") = 20, py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0,
-        py::arg("repeats") = 5, py::arg("saved_activations") = false,
+        py::arg("repeats") = 5, py::arg("saved_activations") = false, py::arg("input_gradient") = true,
         "Time-stamp-counter ticks per kernel phase of one forward and one backward on this thread (minimum over "
         "repeats): {'phases', 'forward', 'backward', 'tsc_hz'}.");
   m.def("fma_peak", &l2l::fma_peak, py::arg("threads") = 0, py::arg("seconds") = 0.3,

@@ -206,6 +206,8 @@ absl::Status StepGradShape(InferenceContext* c) {
   OpLayout L;
   TF_RETURN_IF_ERROR(GetLayout(c, kMulti, &L));
   TF_RETURN_IF_ERROR(PhiScaleShapes(c, cfg, 0, L.scale()));
+  bool input_gradients = true;
+  if (kMulti) TF_RETURN_IF_ERROR(c->GetAttr("input_gradients", &input_gradients));
   c->set_output(0, c->Vector(cfg.num_params()));
   for (int i = 0; i < L.N; ++i) {
     DimensionHandle n, s;
@@ -220,7 +222,7 @@ absl::Status StepGradShape(InferenceContext* c) {
                                        ", N] or [0, N] like grad", L.which(i), ", got ", c->DebugString(act));
       }
     }
-    c->set_output(1 + i, c->Vector(n));
+    c->set_output(1 + i, input_gradients ? c->Vector(n) : c->Vector(0));
     c->set_output(1 + L.N + i, c->Matrix(s, n));
   }
   return absl::OkStatus();
@@ -283,6 +285,7 @@ REGISTER_OP("L2lLstmStepMultiGrad")
     .Output("d_grads: N * float")
     .Output("d_states: N * float")
     .Attr("N: int >= 1")
+    .Attr("input_gradients: bool = true")
     .Attr("hidden1: int = 20")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
@@ -369,9 +372,10 @@ absl::Status PrepareForward(OpKernelContext* ctx, const l2l::StepConfig& cfg, co
 }
 
 // The same for the gradient ops (d_grad may reuse d_update's buffer, d_state d_new_state's); d_phi is allocated,
-// not written.
+// not written. Without `input_gradients` the d_grad outputs are empty [0] tensors and TensorArgs::d_grad is null.
 absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, const OpLayout& L, bool reuse_inputs,
-                             float* scale, std::vector<l2l::TensorArgs>* tensors, Tensor** d_phi) {
+                             bool input_gradients, float* scale, std::vector<l2l::TensorArgs>* tensors,
+                             Tensor** d_phi) {
   TF_RETURN_IF_ERROR(ValidatePhiScale(cfg, ctx->input(0), ctx->input(L.scale()), true, scale));
   TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({cfg.num_params()}), d_phi));
   for (int i = 0; i < L.N; ++i) {
@@ -395,7 +399,9 @@ absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, c
     }
     Tensor* d_grad = nullptr;
     Tensor* d_state = nullptr;
-    if (reuse_inputs) {
+    if (!input_gradients) {
+      TF_RETURN_IF_ERROR(ctx->allocate_output(1 + i, TensorShape({0}), &d_grad));
+    } else if (reuse_inputs) {
       TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({L.d_update(i)}, 1 + i, grad.shape(), &d_grad));
     } else {
       TF_RETURN_IF_ERROR(ctx->allocate_output(1 + i, grad.shape(), &d_grad));
@@ -413,7 +419,7 @@ absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, c
     t.n = grad.dim_size(0);
     t.d_update = du.flat<float>().data();
     t.d_new_state = zero_dns ? nullptr : dns.flat<float>().data();
-    t.d_grad = d_grad->flat<float>().data();
+    t.d_grad = input_gradients ? d_grad->flat<float>().data() : nullptr;
     t.d_state = d_state->flat<float>().data();
     t.activations = saved;
     tensors->push_back(t);
@@ -501,19 +507,22 @@ class LstmStepGradCpuOp : public OpKernel {
   explicit LstmStepGradCpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
+    if (kMulti) OP_REQUIRES_OK(ctx, ctx->GetAttr("input_gradients", &input_gradients_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     float scale = 0.0f;
     std::vector<l2l::TensorArgs> tensors;
     Tensor* d_phi = nullptr;
-    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, cfg_, layout_, /*reuse_inputs=*/true, &scale, &tensors, &d_phi));
+    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, cfg_, layout_, /*reuse_inputs=*/true, input_gradients_, &scale,
+                                        &tensors, &d_phi));
     BackwardCpu(ctx, cfg_, ctx->input(0).flat<float>().data(), scale, tensors, d_phi->flat<float>().data());
   }
 
  private:
   l2l::StepConfig cfg_;
   OpLayout layout_;
+  bool input_gradients_ = true;  // Multi: the d_grads are wanted (else [0] outputs, not computed)
 };
 
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_CPU), LstmStepCpuOp<false>);
@@ -565,6 +574,7 @@ class LstmStepGradGpuOp : public OpKernel {
   explicit LstmStepGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
+    if (kMulti) OP_REQUIRES_OK(ctx, ctx->GetAttr("input_gradients", &input_gradients_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -572,7 +582,8 @@ class LstmStepGradGpuOp : public OpKernel {
     float scale = 0.0f;
     std::vector<l2l::TensorArgs> tensors;
     Tensor* d_phi = nullptr;
-    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, cfg_, layout_, /*reuse_inputs=*/false, &scale, &tensors, &d_phi));
+    OP_REQUIRES_OK(ctx, PrepareBackward(ctx, cfg_, layout_, /*reuse_inputs=*/false, input_gradients_, &scale,
+                                        &tensors, &d_phi));
     float* d_phi_p = d_phi->flat<float>().data();
     if (tensors.empty()) {  // nothing to launch: d_phi is all zeros
       ctx->eigen_device<Eigen::GpuDevice>().memset(d_phi_p, 0, sizeof(float) * P);
@@ -586,8 +597,15 @@ class LstmStepGradGpuOp : public OpKernel {
     for (size_t i = 0; i < tensors.size(); ++i) {
       const l2l::TensorArgs& t = tensors[i];
       float* out = i == 0 ? d_phi_p : part.flat<float>().data();
+      // The CUDA backward always writes d_grad: where none is wanted, into a temporary.
+      Tensor unwanted;
+      float* d_grad = t.d_grad;
+      if (d_grad == nullptr) {
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({t.n}), &unwanted));
+        d_grad = unwanted.flat<float>().data();
+      }
       const char* err = l2l::lstm_step_backward_cuda(cfg_, ctx->input(0).flat<float>().data(), t.grad, t.state,
-                                                     scale, t.n, t.d_update, t.d_new_state, out, t.d_grad, t.d_state,
+                                                     scale, t.n, t.d_update, t.d_new_state, out, d_grad, t.d_state,
                                                      OpStream(ctx));
       if (err == nullptr && i > 0) err = l2l::add_inplace_cuda(d_phi_p, out, P, OpStream(ctx));
       OP_REQUIRES(ctx, err == nullptr, errors::Internal(type_string(), " CUDA kernel: ", err ? err : ""));
@@ -597,6 +615,7 @@ class LstmStepGradGpuOp : public OpKernel {
  private:
   l2l::StepConfig cfg_;
   OpLayout layout_;
+  bool input_gradients_ = true;
 };
 
 REGISTER_KERNEL_BUILDER(Name("L2lLstmStep").Device(DEVICE_GPU).HostMemory("scale"), LstmStepGpuOp<false>);

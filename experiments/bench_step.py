@@ -23,7 +23,8 @@ gradient and weight gradient; "fused", which keeps the forward's activations for
 
 --benchmark=phases: the CPU kernels alone (pybind11 module, one thread) on --sizes coordinates: time-stamp-counter
 ticks per coordinate in each phase of the forward and of the backward (min over --repeats calls), and for the GEMM
-phases the share of the multiply-add peak of one core they reach.
+phases the share of the multiply-add peak of one core they reach; also the forward saving its activations, the
+backward reading them, and that backward without d_grad (what a first-order meta-training step runs).
 
 --benchmark=fit: time per `model.fit` step of the 784-20-10 sigmoid MLP (batch 128) with `LearnedOptimizer`
 (each available implementation, the shipped MNIST φ) vs `keras.optimizers.Adam`, in one process, the optimizers
@@ -576,26 +577,32 @@ def phases_benchmark():
         saved = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
                                          cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
                                          saved_activations=True)
+        # As in first-order meta-training: activations kept, no gradient w.r.t. the optimizee gradient.
+        meta = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
+                                        cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
+                                        saved_activations=True, input_gradient=False)
         per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
         print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
               f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "
               f"{per_tick:.1f} per tick), min over {FLAGS.repeats} calls")
-        print("| phase | forward | backward | GEMM share of peak | forward, saving activations | backward, reading them |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, f, b, fs, bs in zip(out["phases"], out["forward"], out["backward"], saved["forward"],
-                                      saved["backward"]):
+        print("| phase | forward | backward | GEMM share of peak | forward, saving activations | backward, reading them "
+              "| the same, no d_grad (meta-training) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, f, b, fs, bs, bm in zip(out["phases"], out["forward"], out["backward"], saved["forward"],
+                                          saved["backward"], meta["backward"]):
             share = ""
             ticks = b if name in ("input_grad1", "input_grad2") else f
             if name in GEMM_PHASES and ticks:
                 share = f"{macs[GEMM_PHASES[name]] / (ticks / n) / per_tick:.0%}"
             elif name == "weight_grad" and b:
                 share = f"{(macs['l1'] + macs['l2']) / (b / n) / per_tick:.0%}"
-            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} | {fs / n:.1f} | {bs / n:.1f} |")
+            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} | {fs / n:.1f} | {bs / n:.1f} | {bm / n:.1f} |")
         fwd, bwd = sum(out["forward"]) / n, sum(out["backward"]) / n
-        fwd_s, bwd_s = sum(saved["forward"]) / n, sum(saved["backward"]) / n
+        fwd_s, bwd_s, bwd_m = sum(saved["forward"]) / n, sum(saved["backward"]) / n, sum(meta["backward"]) / n
         floor = (macs["l1"] + macs["l2"]) / per_tick
         print(f"| total | {fwd:.1f} | {bwd:.1f} | floor {floor:.1f} + {3 * floor:.1f}: {(fwd + bwd) / (4 * floor):.2f}× | "
-              f"{fwd_s:.1f} | {bwd_s:.1f} (fwd + bwd {(fwd_s + bwd_s) / (fwd + bwd):.2f}× recomputing) |")
+              f"{fwd_s:.1f} | {bwd_s:.1f} (fwd + bwd {(fwd_s + bwd_s) / (fwd + bwd):.2f}× recomputing) | "
+              f"{bwd_m:.1f} (fwd + bwd {(fwd_s + bwd_m) / (4 * floor):.2f}× the 4-pass floor) |")
 
 
 def _write_json(path, records):

@@ -145,3 +145,76 @@ def test_first_order_meta_gradient_through_the_fused_op_and_xla(variant):
     other = (traced_meta_gradient(family, rule, phi, "fused") if variant == "fused"
              else traced_meta_gradient(family, rule, phi, "reference", jit_compile=True))
     np.testing.assert_allclose(other, reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
+
+
+def _multi_grad_ops(graph):
+    found = [op for op in graph.get_operations() if op.type == "L2lLstmStepMultiGrad"]
+    for function in graph.as_graph_def().library.function:
+        found += [node for node in function.node_def if node.op == "L2lLstmStepMultiGrad"]
+    return found
+
+
+def _input_gradients_attr(op):
+    return op.get_attr("input_gradients") if hasattr(op, "get_attr") else op.attr["input_gradients"].b
+
+
+def test_fused_gradient_skips_the_input_gradient_under_a_stop_gradient():
+    """Optimizee gradients under a stop-gradient (even reshaped on the way): the gradient op is built with
+    input_gradients=False, and d_phi and the state's gradient are those of the full gradient, bit for bit. Gradients
+    that are function arguments keep theirs (and it is the reference's)."""
+    if not ops.fused_available():
+        pytest.skip("the fused op library is not built")
+    cfg = ops.StepConfig(20, 20, "paper", 10.0)
+    rng = np.random.default_rng(5)
+    sizes = [300, 20]
+    phi = tf.constant((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32))
+    grads = [tf.constant((rng.standard_normal((n, 1)) * 1e-2).astype(np.float32)) for n in sizes]
+    states = [tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)) for n in sizes]
+
+    def make(stop, implementation="fused"):
+        def fn(phi, grads, states):
+            with tf.GradientTape() as tape:
+                tape.watch([phi, *grads, *states])
+                used = [tf.reshape(tf.stop_gradient(g) if stop else g, [-1]) for g in grads]
+                updates, new_states = ops.lstm_steps(ops.phi_tree(phi, cfg), used, states, 0.1, cfg,
+                                                     implementation)
+                loss = tf.add_n([tf.reduce_sum(u * u) for u in updates] +
+                                [tf.reduce_sum(tf.sin(s)) for s in new_states])
+            return tape.gradient(loss, [phi, grads, states], unconnected_gradients="zero")
+        return tf.function(fn, autograph=False)
+
+    results, attrs = {}, {}
+    for stop in (True, False):
+        fn = make(stop)
+        attrs[stop] = [_input_gradients_attr(op)
+                       for op in _multi_grad_ops(fn.get_concrete_function(phi, grads, states).graph)]
+        results[stop] = fn(phi, grads, states)
+    assert attrs == {True: [False], False: [True]}, attrs
+    (d_phi_s, d_grads_s, d_states_s), (d_phi, d_grads, d_states) = results[True], results[False]
+    np.testing.assert_array_equal(d_phi_s.numpy(), d_phi.numpy())
+    for a, b in zip(d_states_s, d_states):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for g in d_grads_s:  # stopped: no gradient
+        assert not np.any(g.numpy())
+    reference = make(False, "reference")(phi, grads, states)[1]
+    for got, want in zip(d_grads, reference):
+        assert np.any(want.numpy())
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5 * np.abs(want.numpy()).max())
+
+
+def test_meta_trainer_builds_the_fused_gradient_without_input_gradients():
+    """The meta-trainer's first-order unroll asks the fused gradient for no optimizee-gradient gradient; with second
+    derivatives it does."""
+    if not ops.fused_available():
+        pytest.skip("the fused op library is not built")
+    family, rule = mlp_family(), LSTMUpdateRule(4, 3, "paper", output_scale=0.1)
+    problem = family.sample(0)
+    for second in (False, True):
+        trainer = MetaTrainer(rule, family, num_steps=2, unroll_length=2, second_derivatives=second,
+                              implementation="fused")
+        fn = tf.function(lambda *args: trainer.meta_gradient(*args)[:2], autograph=False)
+        graph = fn.get_concrete_function(tf.nest.map_structure(tf.convert_to_tensor, trainer.phi), problem.params,
+                                         problem.extra, rule.init_state(problem.params), problem.data,
+                                         tf.constant(0)).graph
+        found = [_input_gradients_attr(op) for op in _multi_grad_ops(graph)]
+        assert found and all(a == second for a in found), (second, found)

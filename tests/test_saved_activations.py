@@ -189,3 +189,22 @@ def test_meta_trainer_saves_activations_within_its_memory_and_gets_the_same_meta
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.max(np.abs(a)))
     with pytest.raises(ValueError, match="activation_memory must be >= 0"):
         MetaTrainer(rule, family, num_steps=10, unroll_length=5, activation_memory=-1)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.hidden1}-{c.hidden2}-{c.preprocess}")
+@pytest.mark.parametrize("saved", [False, True])
+def test_backward_without_input_gradient_keeps_d_phi_and_d_state_bit_for_bit(cfg, saved):
+    """input_gradient=False (a first-order meta-gradient) computes no d_grad; d_phi and d_state do not change."""
+    k = _kernels()
+    rng = np.random.default_rng(11)
+    for n in (20, 1000):
+        phi, grad, state = _inputs(rng, cfg, n)
+        d_update = rng.standard_normal(n).astype(np.float32)
+        upstream = rng.standard_normal((cfg.state_rows, n)).astype(np.float32)
+        act = k.forward_cpu(phi, grad, state, 0.3, save_activations=True, **_args(cfg))[2] if saved else None
+        full = k.backward_cpu(phi, grad, state, 0.3, d_update, upstream, activations=act, **_args(cfg))
+        d_phi, d_grad, d_state = k.backward_cpu(phi, grad, state, 0.3, d_update, upstream, activations=act,
+                                                input_gradient=False, **_args(cfg))
+        assert d_grad is None and np.any(full[1])
+        np.testing.assert_array_equal(d_phi, full[0])
+        np.testing.assert_array_equal(d_state, full[2])

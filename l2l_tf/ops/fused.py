@@ -150,6 +150,20 @@ def _lstm_step_grad(op, d_update, d_new_state):
     return [d_phi, d_grad, d_state, None]  # no gradient to scale
 
 
+def _no_gradient_flows_back(tensor, depth=8):
+    """True when a gradient with respect to graph tensor `tensor` cannot reach anything: it is a stop_gradient's
+    output or a constant, or computed (within `depth` ops) from only such tensors (whatever the op, its gradient
+    goes to its inputs only). Function arguments, variable reads and eager tensors count as reachable."""
+    op = getattr(tensor, "op", None)
+    if op is None:  # eager: no graph to look at
+        return False
+    if op.type in ("StopGradient", "Const"):
+        return True
+    if depth == 0 or not op.inputs:
+        return False
+    return all(_no_gradient_flows_back(t, depth - 1) for t in op.inputs)
+
+
 def _lstm_step_multi_grad(op, *upstream):
     module = _load()
     if module is None:  # only reachable if an op was built from another copy of the library
@@ -167,10 +181,15 @@ def _lstm_step_multi_grad(op, *upstream):
         activations = op.outputs[2 * count:3 * count]
     else:
         activations = [tf.zeros(tf.stack([0, tf.shape(g)[0]]), tf.float32) for g in grads]
+    # The optimizee gradients under a stop-gradient (a first-order meta-gradient): their gradient is not computed
+    # (the kernel skips layer 1's input rows of the input gradient; d_phi and d_states are the same bit for bit).
+    input_gradients = not all(_no_gradient_flows_back(g) for g in grads)
     d_phi, d_grads, d_states = module.l2l_lstm_step_multi_grad(
         phi, grads, states, scale, d_updates, d_new_states, activations, hidden1=op.get_attr("hidden1"),
         hidden2=op.get_attr("hidden2"), preprocess=op.get_attr("preprocess"),
-        preprocess_param=op.get_attr("preprocess_param"))
+        preprocess_param=op.get_attr("preprocess_param"), input_gradients=input_gradients)
+    if not input_gradients:
+        d_grads = [None] * count
     return [d_phi, *d_grads, *d_states, None]  # no gradient to scale
 
 
