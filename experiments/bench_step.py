@@ -37,16 +37,18 @@ the MNIST one copied into both groups: the cost of a step does not depend on φ'
 
 Implementations, all through the public switch `ops.lstm_step` on a φ tree: tf_eager (the pure-TF reference
 eagerly), tf_function (reference in tf.function), tf_xla (reference in tf.function(jit_compile=True)), fused (the
-custom op in tf.function, φ flattened for it as in every real step).
+custom op in tf.function, φ flattened for it as in every real step; its gradient recomputes the forward's
+activations), fused_saved (the same inside `ops.saving_activations`, as in a meta-training unroll: the forward keeps
+its activations for the gradient, as autodiff keeps the pure-TF variants' intermediates; forward_backward only).
 Passes: forward (update and new state), forward_backward (forward, then the gradient of a loss of both outputs
-with respect to phi through GradientTape: the meta-training pattern; the backward also produces the gradients to
-the state and the gradient input, as it does in meta-training).
+with respect to phi through GradientTape: the first-order meta-training pattern; the optimizee gradient enters
+through a stop-gradient, so the backward produces the gradients to phi and the state, not to the gradient input).
 
 Reported: median ms per step over --repeats timed calls after warm-up; GB/s of the minimum bytes moved per
 coordinate at fp32 state with S = 2 (hidden1 + hidden2) rows (80 at the default 20/20):
   forward            4 (1 + 1 + S) read (grad, theta or update, state) + 4 (1 + S) written          = 652 B
   forward_backward   forward + backward reads grad, state, d_update, d_new_state 4 (2 + 2 S) and
-                     writes d_grad, d_state 4 (1 + S)                                   = 652 + 972 = 1624 B
+                     writes d_state 4 S                                                 = 652 + 968 = 1620 B
 and the speed-up over the fastest pure-TF variant for the same size and pass (> 1: faster). The table also shows
 the process CPU time per step (all threads): on a machine shared with other work, wall times inflate and it tells
 how much of the machine each variant needed. The JSON records hold the wall times.
@@ -76,7 +78,8 @@ flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
                   "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
                   "split; phases: kernel ticks per coordinate by phase.")
 flags.DEFINE_list("sizes", ["100000", "1000000"], "Numbers of coordinates N.")
-flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "fused"], "Implementations to time.")
+flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "fused", "fused_saved"],
+                  "Implementations to time: tf_eager, tf_function, tf_xla, fused, fused_saved.")
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (tracing, XLA compilation).")
@@ -119,11 +122,16 @@ def bytes_per_coord(pass_name, cfg):
     forward = 4 * (1 + 1 + s) + 4 * (1 + s)
     if pass_name == "forward":
         return forward
-    return forward + 4 * (2 + 2 * s) + 4 * (1 + s)
+    return forward + 4 * (2 + 2 * s) + 4 * s
 
 
 def make_step(impl, cfg):
-    implementation = ops.check_implementation("fused" if impl == "fused" else "reference")
+    implementation = ops.check_implementation("fused" if impl.startswith("fused") else "reference")
+    if impl == "fused_saved":
+        def step(phi, grad, state, scale):
+            with ops.saving_activations(1 << 40):
+                return ops.lstm_step(phi, grad, state, scale, cfg, implementation)
+        return step
     return lambda phi, grad, state, scale: ops.lstm_step(phi, grad, state, scale, cfg, implementation)
 
 
@@ -136,7 +144,7 @@ def make_pass(impl, pass_name, cfg):
     def forward_backward(phi, grad, state, scale):
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(phi))
-            update, new_state = step(phi, grad, state, scale)
+            update, new_state = step(phi, tf.stop_gradient(grad), state, scale)
             loss = tf.reduce_sum(update) + tf.reduce_sum(new_state)
         return tape.gradient(loss, phi), update, new_state
 
@@ -640,7 +648,9 @@ def main(argv):
         scale = tf.constant(0.1)
         for pass_name in FLAGS.passes:
             for impl in FLAGS.impls:
-                if impl == "fused" and not ops.fused_available():
+                if impl == "fused_saved" and pass_name == "forward":
+                    continue
+                if impl.startswith("fused") and not ops.fused_available():
                     print(f"skipping fused: {ops.fused_load_error()}", flush=True)
                     continue
                 ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), (phi, grad, state, scale), FLAGS.warmup,
