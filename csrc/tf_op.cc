@@ -273,6 +273,8 @@ REGISTER_OP("L2lLstmStepMulti")
     .Attr("preprocess_param: float = 10.0")
     .SetShapeFn(StepShape<true>);
 
+// input_gradients = false: the d_grads are not wanted (the grads came through a stop-gradient; l2l_tf/ops/fused.py
+// decides): they are empty [0] outputs and the kernels skip computing them.
 REGISTER_OP("L2lLstmStepMultiGrad")
     .Input("phi: float")
     .Input("grads: N * float")
