@@ -477,19 +477,17 @@ class Kernel {
     pack(W1_, b1_, H1_, K1_, wp1_, bp1_);
     pack(W2_, b2_, H2_, K2_, wp2_, bp2_);
     // GEMM input rows (stage_inputs sets the h rows): x and h1' in scratch; the weight gradient's padding rows
-    // (K..Kw) read the zero row (backward only; the gate GEMMs read rows < K).
+    // (K..Kw, backward only: the gate GEMMs read rows < K) read the zero row.
     u1_.assign(size_t(K1w_), nullptr);
     u2_.assign(size_t(K2w_), nullptr);
     for (int k = 0; k < D_; ++k) u1_[size_t(k)] = in1_ + int64_t(k) * kLd;
     for (int k = 0; k < H1_; ++k) u2_[size_t(k)] = in2_ + int64_t(k) * kLd;
     if (backward_) {
-      for (int k = K1_; k < K1w_; ++k) u1_[size_t(k)] = m + o_zero;
-      for (int k = K2_; k < K2w_; ++k) u2_[size_t(k)] = m + o_zero;
-    }
-    if (backward_) {
       wt1_ = m + o_wt1; wt2_ = m + o_wt2;
       dz1_ = m + o_dz1; dz2_ = m + o_dz2;
       dh1_ = m + o_dh1; dx_ = m + o_dx; dy_ = m + o_dy; junk_ = m + o_junk; zero_ = m + o_zero;
+      for (int k = K1_; k < K1w_; ++k) u1_[size_t(k)] = zero_;
+      for (int k = K2_; k < K2w_; ++k) u2_[size_t(k)] = zero_;
       lw1_ = m + o_lw1; lw2_ = m + o_lw2; lb1_ = m + o_lb1; lb2_ = m + o_lb2; lwo_ = m + o_lwo; lbo_ = m + o_lbo;
       for (int64_t g = 0; g < 4LL * H1_; ++g)
         std::memcpy(wt1_ + g * K1u_, W1_ + g * K1_, sizeof(float) * K1_);
@@ -690,12 +688,12 @@ class Kernel {
 
   // The 5 activations of one unit (rows st5 apart): to a kernel output (streaming when aligned) or to scratch.
   L2L_INLINE void store_act5(float* a, int64_t st5, vf ig, vf fg, vf gg, vf og, vf tc, bool output) const {
-    if (output && nt_act_) {
-      stream(a, ig); stream(a + st5, fg); stream(a + 2 * st5, gg); stream(a + 3 * st5, og); stream(a + 4 * st5, tc);
-    } else if (output) {
-      storeu(a, ig); storeu(a + st5, fg); storeu(a + 2 * st5, gg); storeu(a + 3 * st5, og); storeu(a + 4 * st5, tc);
-    } else {
-      store(a, ig); store(a + st5, fg); store(a + 2 * st5, gg); store(a + 3 * st5, og); store(a + 4 * st5, tc);
+    const vf five[5] = {ig, fg, gg, og, tc};
+#pragma GCC unroll 5
+    for (int q = 0; q < 5; ++q) {
+      if (output && nt_act_) stream(a + q * st5, five[q]);
+      else if (output) storeu(a + q * st5, five[q]);
+      else store(a + q * st5, five[q]);
     }
   }
 
@@ -800,18 +798,17 @@ class Kernel {
       if (D_ == 2) store(in1_ + kLd + col, f1);
     }
     const bool direct = reinterpret_cast<uintptr_t>(st) % sizeof(vf) == 0 && lds % kW == 0;
-    for (int r = 0; r < H1_; ++r) {
-      const float* row = st + r * lds;
-      float* copy = in1_ + int64_t(D_ + r) * kLd;
-      if (!direct) std::memcpy(copy, row, sizeof(float) * cols);
-      u1_[D_ + r] = direct ? row : copy;
-    }
-    for (int r = 0; r < H2_; ++r) {
-      const float* row = st + (2 * int64_t(H1_) + r) * lds;
-      float* copy = in2_ + int64_t(H1_ + r) * kLd;
-      if (!direct) std::memcpy(copy, row, sizeof(float) * cols);
-      u2_[H1_ + r] = direct ? row : copy;
-    }
+    // count state rows from `first` as GEMM input rows `at` on of table u (copies in scratch rows `at` on of buf).
+    auto h_rows = [&](int64_t first, int count, int at, const float** u, float* buf) {
+      for (int r = 0; r < count; ++r) {
+        const float* row = st + (first + r) * lds;
+        float* copy = buf + int64_t(at + r) * kLd;
+        if (!direct) std::memcpy(copy, row, sizeof(float) * cols);
+        u[at + r] = direct ? row : copy;
+      }
+    };
+    h_rows(0, H1_, D_, u1_.data(), in1_);                  // h1: state rows 0..H1-1
+    h_rows(2 * int64_t(H1_), H2_, H1_, u2_.data(), in2_);  // h2: state rows 2 H1..
   }
 
   // ---- forward of one chunk of kChunk coordinates (of its first `cols`, a multiple of kSub). st/ns: first row of
