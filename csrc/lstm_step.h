@@ -53,6 +53,10 @@ struct StepConfig {
   int32_t hidden2 = 20;
   Preprocess preprocess = Preprocess::kNone;
   float preprocess_param = 10.0f;  // p for kPaper, k for kClamped; unused for kNone
+  // The three GEMMs (gates, input gradient, weight gradient) take their inputs rounded to bfloat16 and accumulate
+  // in float32 (vdpbf16ps: twice the float32 FMA rate). CPU kernels built with AVX512_BF16 only; the
+  // pointwise math stays float32. Off by default: results then differ from float32 by ~0.1-0.3% (README).
+  bool bf16_matmul = false;
 
   int32_t input_size() const { return preprocess == Preprocess::kNone ? 1 : 2; }
   int64_t state_rows() const { return 2 * (int64_t(hidden1) + hidden2); }

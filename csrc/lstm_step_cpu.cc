@@ -55,6 +55,13 @@
 
 #include "lstm_step.h"
 
+// bfloat16 GEMMs (StepConfig::bf16_matmul): vdpbf16ps, in AVX512_BF16 builds only.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define L2L_HAS_BF16 1
+#else
+#define L2L_HAS_BF16 0
+#endif
+
 #if defined(__SSE2__)
 // GCC 12 warns about the deliberately undefined pass-through operand inside the AVX-512 min/max intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -77,6 +84,12 @@ const char* validate_config(const StepConfig& cfg) {
     return "preprocess_param must be in [0.001, 80] for the 'paper' and 'clamped' preprocessing (exp(p) must be a "
            "normal float32 number)";
   }
+#if !L2L_HAS_BF16
+  if (cfg.bf16_matmul) {
+    return "matmul_precision 'bfloat16' needs CPU kernels built with AVX512_BF16 (this build's -march lacks it; "
+           "rebuild with L2L_TF_MARCH=native on a CPU that has it)";
+  }
+#endif
   return nullptr;
 }
 
@@ -444,6 +457,14 @@ class Kernel {
     const int64_t o_us = take(kLd), o_nss = take(int64_t(S_) * kLd);
     // Activations staged or recomputed: the saved layout's rows (layer 1's, then layer 2's) at stride kLd.
     const int64_t o_act1 = take(cfg.activation_rows() * kLd);
+    // bfloat16 GEMMs: W as bf16 pairs along each GEMM's reduction (k for the gates, gates for the input gradient;
+    // one uint32 per pair), and the converted inputs of one sub-block (gates, input gradient) or chunk (weight
+    // gradient).
+    const bool bf16 = cfg.bf16_matmul;
+    const int K1p = (K1_ + 1) / 2, K2p = (K2_ + 1) / 2;
+    const int64_t o_wpair1 = bf16 ? take(4LL * H1_ * K1p) : 0, o_wpair2 = bf16 ? take(4LL * H2_ * K2p) : 0;
+    const int64_t o_xb = bf16 ? take(int64_t(std::max(K1p, K2p)) * kNV * 16) : 0;
+    int64_t o_wtpair1 = 0, o_wtpair2 = 0, o_db = 0, o_ab = 0, o_bb = 0;
     int64_t o_wt1 = 0, o_wt2 = 0, o_dz1 = 0, o_dz2 = 0, o_dh1 = 0, o_dx = 0, o_dy = 0,
             o_junk = 0, o_zero = 0, o_lw1 = 0, o_lw2 = 0, o_lb1 = 0, o_lb2 = 0, o_lwo = 0, o_lbo = 0;
     if (backward_) {
@@ -455,6 +476,13 @@ class Kernel {
       o_dx = take(2LL * kLd);
       o_dy = take(kLd);
       o_junk = take(int64_t(kKR) * kLd);
+      if (bf16) {
+        o_wtpair1 = take(2LL * H1_ * K1u_);
+        o_wtpair2 = take(2LL * H2_ * K2u_);
+        o_db = take(2LL * std::max(H1_, H2_) * kNV * 16);
+        o_ab = take(4LL * std::max(H1_, H2_) * kChunk);  // [G, kChunk] bf16 = 2 G kChunk bytes, rounded up
+        o_bb = take(int64_t(std::max(K1w_, K2w_)) * kChunk);
+      }
       // From here on: what must start at 0 (the zero row, the lane accumulators), one range.
       o_zero = take(kLd);
       o_lw1 = take(4LL * H1_ * K1w_ * kW);
@@ -496,6 +524,18 @@ class Kernel {
       urow1_.resize(K1u_);
       urow2_.resize(K2u_);
       rows_.resize(std::max(K1u_, K2u_));
+    }
+    if (bf16) {
+      bf16_ = true;
+      auto u32 = [m](int64_t at) { return reinterpret_cast<uint32_t*>(m + at); };
+      wpair1_ = u32(o_wpair1); wpair2_ = u32(o_wpair2); xb_ = m + o_xb;
+      pack_bf16_gates(wp1_, H1_, K1_, wpair1_);
+      pack_bf16_gates(wp2_, H2_, K2_, wpair2_);
+      if (backward_) {
+        wtpair1_ = u32(o_wtpair1); wtpair2_ = u32(o_wtpair2); db_ = m + o_db; ab_ = m + o_ab; bb_ = m + o_bb;
+        pack_bf16_transposed(W1_, 4 * H1_, K1_, K1u_, wtpair1_);
+        pack_bf16_transposed(W2_, 4 * H2_, K2_, K2u_, wtpair2_);
+      }
     }
   }
 
@@ -754,6 +794,178 @@ class Kernel {
   // (q: gate i, f, g, o; v: the kNV vectors of the sub-block). Register tile: the 4 gates of one unit x kNV
   // vectors (16 accumulators with AVX-512). Not inlined and separate from the pointwise math, so that the
   // accumulators own the registers and the FMA stream runs uninterrupted across units.
+  // ---- bfloat16 GEMMs (cfg_.bf16_matmul). vdpbf16ps adds to each float32 lane the products of a pair of bf16
+  // values: the pairs run along the reduction (k for the gates, gates for the input gradient, two adjacent
+  // coordinates for the weight gradient), so the inputs are converted (round to nearest even) into pair order.
+  static uint32_t bf16_bits(float f) {  // round to nearest even (finite f; NaN stays NaN: its top bits are kept)
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  }
+  static uint32_t bf16_pair(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+  // Gates: for unit j, input pair p and gate q, (W[q][2p], W[q][2p+1]) from the packed wp (zero past K).
+  static void pack_bf16_gates(const float* wp, int H, int K, uint32_t* out) {
+    const int Kp = (K + 1) / 2;
+    for (int j = 0; j < H; ++j) {
+      const float* wpj = wp + int64_t(j) * K * 4;
+      for (int p = 0; p < Kp; ++p)
+        for (int q = 0; q < 4; ++q)
+          out[(int64_t(j) * Kp + p) * 4 + q] =
+              bf16_pair(wpj[4 * (2 * p) + q], 2 * p + 1 < K ? wpj[4 * (2 * p + 1) + q] : 0.0f);
+    }
+  }
+  // Input gradient: for gate pair gp and input k, (W[2 gp][k], W[2 gp + 1][k]); W is [G, K], rows ldw apart out.
+  static void pack_bf16_transposed(const float* W, int G, int K, int ldw, uint32_t* out) {
+    for (int gp = 0; gp < G / 2; ++gp)
+      for (int k = 0; k < ldw; ++k)
+        out[int64_t(gp) * ldw + k] = k < K ? bf16_pair(W[int64_t(2 * gp) * K + k], W[int64_t(2 * gp + 1) * K + k]) : 0;
+  }
+#if L2L_HAS_BF16
+  using vb = __m512i;
+  // 16 columns of rows r0 and r1 as 32 bf16 values in pair order: (r0[c], r1[c]) for c = 0..15.
+  static L2L_INLINE vb interleave_bf16(vf r0, vf r1) {
+    const vb idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                                    20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(idx, (vb)_mm512_cvtne2ps_pbh((__m512)r1, (__m512)r0));  // r0 low, r1 high
+  }
+  static L2L_INLINE __m512 dot_bf16(__m512 acc, vb a, vb b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+  // gates() with bf16 inputs: the sub-block's input rows converted once (pairs of rows), then per unit and pair one
+  // broadcast W pair per gate.
+  __attribute__((noinline)) static void gates_bf16(const uint32_t* __restrict wpair, const float* __restrict bp,
+                                                   const float* const* in, int s, int K, int H, float* __restrict out,
+                                                   vb* __restrict xb, Prefetcher* pf) {
+    const int Kp = (K + 1) / 2;
+    for (int p = 0; p < Kp; ++p) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) {
+        const vf r1 = 2 * p + 1 < K ? load_reg(in[2 * p + 1] + s + v * kW) : splat(0.0f);
+        xb[p * kNV + v] = interleave_bf16(load_reg(in[2 * p] + s + v * kW), r1);
+      }
+    }
+    for (int j = 0; j < H; ++j) {
+      pf->step();
+      const uint32_t* wj = wpair + int64_t(j) * Kp * 4;
+      __m512 acc[4][kNV];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) acc[q][v] = _mm512_set1_ps(bp[4 * j + q]);
+      for (int p = 0; p < Kp; ++p) {
+        vb x[kNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) x[v] = xb[p * kNV + v];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          const vb w = _mm512_set1_epi32(int(wj[4 * p + q]));
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) acc[q][v] = dot_bf16(acc[q][v], x[v], w);
+        }
+      }
+      float* o = out + int64_t(j) * 4 * kSub;
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) store(o + (q * kNV + v) * kW, (vf)acc[q][v]);
+    }
+  }
+
+  // input_grad() with bf16 inputs: the sub-block's dz rows converted once (pairs of gate rows).
+  __attribute__((noinline)) static void input_grad_bf16(const uint32_t* __restrict wt, int ldw, int Ku, int G,
+                                                        const float* __restrict dz, float* const* rows, int out_lo,
+                                                        int out_hi, bool nt, vb* __restrict db, Prefetcher* pf) {
+    const int Gp = G / 2;
+    for (int gp = 0; gp < Gp; ++gp) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v)
+        db[gp * kNV + v] = interleave_bf16(load(dz + int64_t(2 * gp) * kLd + v * kW),
+                                           load(dz + int64_t(2 * gp + 1) * kLd + v * kW));
+    }
+    for (int k0 = 0; k0 < Ku; k0 += kKR) {
+      pf->step();
+      __m512 acc[kKR][kNV];
+#pragma GCC unroll 4
+      for (int r = 0; r < kKR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+      for (int gp = 0; gp < Gp; ++gp) {
+        vb x[kNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) x[v] = db[gp * kNV + v];
+        const uint32_t* w = wt + int64_t(gp) * ldw + k0;
+#pragma GCC unroll 4
+        for (int r = 0; r < kKR; ++r) {
+          const vb wv = _mm512_set1_epi32(int(w[r]));
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) acc[r][v] = dot_bf16(acc[r][v], x[v], wv);
+        }
+      }
+      write_rows(rows, k0, acc, out_lo, out_hi, nt);
+    }
+  }
+
+  // weight_grad() with bf16 inputs: each lane sums the products of two adjacent coordinates. Rows are converted in
+  // the same (cvtne2ps) order for dz and u, so pairs match without interleaving.
+  __attribute__((noinline)) static void weight_grad_bf16(float* __restrict lanes, int G, int Kw,
+                                                         const float* __restrict dz, const float* const* u, int cols,
+                                                         vb* __restrict ab, vb* __restrict bb, Prefetcher* pf) {
+    const int nc = cols / (2 * kW);
+    auto convert = [nc](const float* row, vb* out) {
+      for (int c = 0; c < nc; ++c)
+        out[c] = (vb)_mm512_cvtne2ps_pbh((__m512)loadu(row + 2 * kW * c + kW), (__m512)loadu(row + 2 * kW * c));
+    };
+    for (int g = 0; g < G; ++g) convert(dz + int64_t(g) * kLd, ab + int64_t(g) * nc);
+    for (int k = 0; k < Kw; ++k) convert(u[k], bb + int64_t(k) * nc);
+    for (int g0 = 0; g0 < G; g0 += kGR) {
+      for (int k0 = 0; k0 < Kw; k0 += kKC) {
+        pf->step();
+        __m512 acc[kGR][kKC];
+#pragma GCC unroll 8
+        for (int r = 0; r < kGR; ++r)
+#pragma GCC unroll 8
+          for (int c = 0; c < kKC; ++c) acc[r][c] = _mm512_setzero_ps();
+        for (int col = 0; col < nc; ++col) {
+          vb a[kGR], b[kKC];
+#pragma GCC unroll 8
+          for (int r = 0; r < kGR; ++r) a[r] = ab[int64_t(g0 + r) * nc + col];
+#pragma GCC unroll 8
+          for (int c = 0; c < kKC; ++c) b[c] = bb[int64_t(k0 + c) * nc + col];
+#pragma GCC unroll 8
+          for (int r = 0; r < kGR; ++r)
+#pragma GCC unroll 8
+            for (int c = 0; c < kKC; ++c) acc[r][c] = dot_bf16(acc[r][c], a[r], b[c]);
+        }
+        add_lanes(lanes, Kw, g0, k0, acc);
+      }
+    }
+  }
+#endif
+
+  // The GEMMs in the configured precision (float32, or bf16 inputs: cfg_.bf16_matmul).
+  void gates_gemm(const float* wp, const uint32_t* wpair, const float* bp, const float* const* in, int s, int K,
+                  int H) {
+#if L2L_HAS_BF16
+    if (bf16_) return gates_bf16(wpair, bp, in, s, K, H, gbuf_, reinterpret_cast<vb*>(xb_), &pf_);
+#endif
+    gates(wp, bp, in, s, K, H, gbuf_, &pf_);
+  }
+  void input_grad_gemm(const float* wt, const uint32_t* wtpair, int ldw, int Ku, int G, const float* dz,
+                       float* const* rows, int out_lo, int out_hi) {
+#if L2L_HAS_BF16
+    if (bf16_) return input_grad_bf16(wtpair, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, reinterpret_cast<vb*>(db_), &pf_);
+#endif
+    input_grad(wt, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, &pf_);
+  }
+  void weight_grad_gemm(float* lanes, int G, int Kw, const float* dz, const float* const* u, int cols) {
+#if L2L_HAS_BF16
+    if (bf16_) {
+      return weight_grad_bf16(lanes, G, Kw, dz, u, cols, reinterpret_cast<vb*>(ab_), reinterpret_cast<vb*>(bb_), &pf_);
+    }
+#endif
+    weight_grad(lanes, G, Kw, dz, u, cols, &pf_);
+  }
+
   __attribute__((noinline)) static void gates(const float* __restrict wp, const float* __restrict bp,
                                               const float* const* in, int s, int K, int H, float* __restrict out,
                                               Prefetcher* pf) {
@@ -828,7 +1040,7 @@ class Kernel {
     for (int s = 0; s < cols; s += kSub) {
       float* const as = av.at(s);  // this sub-block's activation rows (kSep)
       // Layer 1.
-      gates(wp1_, bp1_, u1_.data(), s, K1_, H1_, gbuf_, &pf_);
+      gates_gemm(wp1_, wpair1_, bp1_, u1_.data(), s, K1_, H1_);
       mark(kPhaseGates1);
       for (int j = 0; j < H1_; ++j) {
         pf_.step();
@@ -864,7 +1076,7 @@ class Kernel {
       vf ua[kNV];
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) ua[v] = splat(0.0f);
-      gates(wp2_, bp2_, u2_.data(), s, K2_, H2_, gbuf_, &pf_);
+      gates_gemm(wp2_, wpair2_, bp2_, u2_.data(), s, K2_, H2_);
       mark(kPhaseGates2);
       for (int j = 0; j < H2_; ++j) {
         pf_.step();
@@ -961,18 +1173,38 @@ class Kernel {
           for (int v = 0; v < kNV; ++v) acc[r][v] = vfma(wv, x[v], acc[r][v]);
         }
       }
+      write_rows(rows, k0, acc, out_lo, out_hi, nt);
+    }
+  }
+
+  // The kKR output rows of an input-gradient tile: streamed where they are outputs (rows [out_lo, out_hi) with nt),
+  // else stored.
+  template <class V>
+  static L2L_INLINE void write_rows(float* const* rows, int k0, const V (&acc)[kKR][kNV], int out_lo, int out_hi,
+                                    bool nt) {
 #pragma GCC unroll 4
-      for (int r = 0; r < kKR; ++r) {
-        float* row = rows[k0 + r];
-        if (nt && k0 + r >= out_lo && k0 + r < out_hi) {
+    for (int r = 0; r < kKR; ++r) {
+      float* row = rows[k0 + r];
+      if (nt && k0 + r >= out_lo && k0 + r < out_hi) {
 #pragma GCC unroll 4
-          for (int v = 0; v < kNV; ++v) stream(row + v * kW, acc[r][v]);
-        } else {
+        for (int v = 0; v < kNV; ++v) stream(row + v * kW, (vf)acc[r][v]);
+      } else {
 #pragma GCC unroll 4
-          for (int v = 0; v < kNV; ++v) storeu(row + v * kW, acc[r][v]);
-        }
+        for (int v = 0; v < kNV; ++v) storeu(row + v * kW, (vf)acc[r][v]);
       }
     }
+  }
+
+  // lanes[g0 + r][k0 + c] += acc[r][c] (a weight-gradient tile's partial sums).
+  template <class V>
+  static L2L_INLINE void add_lanes(float* lanes, int Kw, int g0, int k0, const V (&acc)[kGR][kKC]) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kGR; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < kKC; ++c) {
+        float* l = lanes + (int64_t(g0 + r) * Kw + k0 + c) * kW;
+        store(l, load(l) + (vf)acc[r][c]);
+      }
   }
 
   // lanes[g][k] (kW partial sums each) += sum over the chunk of dz[g][:] * u[k][:].
@@ -997,13 +1229,7 @@ class Kernel {
 #pragma GCC unroll 8
             for (int c = 0; c < kKC; ++c) acc[r][c] = vfma(a[r], b[c], acc[r][c]);
         }
-#pragma GCC unroll 8
-        for (int r = 0; r < kGR; ++r)
-#pragma GCC unroll 8
-          for (int c = 0; c < kKC; ++c) {
-            float* l = lanes + (int64_t(g0 + r) * Kw + k0 + c) * kW;
-            store(l, load(l) + acc[r][c]);
-          }
+        add_lanes(lanes, Kw, g0, k0, acc);
       }
     }
   }
@@ -1073,7 +1299,7 @@ class Kernel {
       }
       mark(kPhaseCellBackward2);
       for (int k = 0; k < K2u_; ++k) rows[k] = urow2_[k] + s;
-      input_grad(wt2_, K2u_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_, nt_, &pf_);
+      input_grad_gemm(wt2_, wtpair2_, K2u_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_);
       mark(kPhaseInputGrad2);
       // Layer 1.
       for (int j = 0; j < H1_; ++j) {
@@ -1092,19 +1318,20 @@ class Kernel {
       mark(kPhaseCellBackward1);
       for (int k = 0; k < K1u_; ++k) rows[k] = urow1_[k] + s;
       if (dg) {
-        input_grad(wt1_, K1u_, int(round_up(K1_, kKR)), 4 * H1_, dz1_ + s, rows, D_, K1_, nt_, &pf_);
+        input_grad_gemm(wt1_, wtpair1_, K1u_, int(round_up(K1_, kKR)), 4 * H1_, dz1_ + s, rows, D_, K1_);
 #pragma GCC unroll 4
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           store_out(dg + off, preprocess_backward(loadu(g + off), load(dx_ + off), load(dx_ + kLd + off)));
         }
       } else {  // no d_grad wanted: the h1 rows only
-        input_grad(wt1_ + D_, K1u_, int(round_up(H1_, kKR)), 4 * H1_, dz1_ + s, rows + D_, 0, H1_, nt_, &pf_);
+        input_grad_gemm(wt1_ + D_, wtpair1_ ? wtpair1_ + D_ : nullptr, K1u_, int(round_up(H1_, kKR)), 4 * H1_,
+                        dz1_ + s, rows + D_, 0, H1_);
       }
       mark(kPhaseInputGrad1);
     }
-    weight_grad(lw2_, 4 * H2_, K2w_, dz2_, u2_.data(), cols, &pf_);
-    weight_grad(lw1_, 4 * H1_, K1w_, dz1_, u1_.data(), cols, &pf_);
+    weight_grad_gemm(lw2_, 4 * H2_, K2w_, dz2_, u2_.data(), cols);
+    weight_grad_gemm(lw1_, 4 * H1_, K1w_, dz1_, u1_.data(), cols);
     mark(kPhaseWeightGrad);
   }
 
@@ -1141,6 +1368,9 @@ class Kernel {
   float *dh1_ = nullptr, *dx_ = nullptr, *dy_ = nullptr, *junk_ = nullptr, *zero_ = nullptr;
   float *lw1_ = nullptr, *lw2_ = nullptr, *lb1_ = nullptr, *lb2_ = nullptr, *lwo_ = nullptr, *lbo_ = nullptr;
   std::vector<float*> urow1_, urow2_, rows_;
+  bool bf16_ = false;  // cfg_.bf16_matmul
+  uint32_t *wpair1_ = nullptr, *wpair2_ = nullptr, *wtpair1_ = nullptr, *wtpair2_ = nullptr;
+  float *xb_ = nullptr, *db_ = nullptr, *ab_ = nullptr, *bb_ = nullptr;  // bf16 GEMM inputs (scratch)
   std::vector<const float*> u1_, u2_;  // GEMM input rows of the current chunk (stage_inputs)
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores

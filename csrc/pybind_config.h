@@ -17,9 +17,16 @@ inline Preprocess parse_preprocess(const std::string& name) {
   throw pybind11::value_error("preprocess must be 'none', 'paper' or 'clamped', got '" + name + "'");
 }
 
+inline bool parse_matmul_precision(const std::string& name) {  // true: bf16 GEMM inputs
+  if (name == "float32") return false;
+  if (name == "bfloat16") return true;
+  throw pybind11::value_error("matmul_precision must be 'float32' or 'bfloat16', got '" + name + "'");
+}
+
 inline StepConfig parse_step_config(int hidden1, int hidden2, const std::string& preprocess,
-                                    double preprocess_param) {
+                                    double preprocess_param, const std::string& matmul_precision = "float32") {
   StepConfig cfg;
+  cfg.bf16_matmul = parse_matmul_precision(matmul_precision);
   cfg.hidden1 = hidden1;
   cfg.hidden2 = hidden2;
   cfg.preprocess = parse_preprocess(preprocess);

@@ -3,15 +3,17 @@
 //
 //   num_params(hidden1, hidden2, preprocess) -> int
 //   forward_cpu(phi, grad, state, scale, hidden1=20, hidden2=20, preprocess="none", preprocess_param=10.0,
-//               num_threads=0, save_activations=False) -> (update, new_state[, activations])
+//               num_threads=0, save_activations=False, matmul_precision="float32") -> (update, new_state[, activations])
+//       matmul_precision "bfloat16": the GEMMs take bf16-rounded inputs, float32 sums (StepConfig::bf16_matmul)
 //   backward_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
-//                preprocess="none", preprocess_param=10.0, num_threads=0, activations=None, input_gradient=True)
+//                preprocess="none", preprocess_param=10.0, num_threads=0, activations=None, input_gradient=True,
+//                matmul_precision="float32")
 //       -> (d_phi, d_grad, d_state)   (activations: what forward_cpu saved for the same inputs; None: recomputed;
 //                                      input_gradient=False: d_grad is None, not computed)
 //   plan_shards(sizes, threads) -> [[(tensor, begin, end), ...], ...]   (how the TF op splits a multi-tensor step)
 //   phase_ticks_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
 //                   preprocess="none", preprocess_param=10.0, repeats=5, saved_activations=False,
-//                   input_gradient=True)
+//                   input_gradient=True, matmul_precision="float32")
 //       -> {"phases": [names], "forward": [ticks], "backward": [ticks], "tsc_hz": float}
 //       time-stamp-counter ticks per phase (lstm_step.h Phase) of one forward and one backward on this thread,
 //       the minimum over `repeats` runs of each phase (a benchmark mode; see experiments/bench_step.py)
@@ -53,8 +55,9 @@ namespace {
 
 constexpr int64_t kSplitUnit = 256;  // thread ranges are multiples of this many coordinates
 
-StepConfig make_config(int hidden1, int hidden2, const std::string& preprocess, double preprocess_param) {
-  const StepConfig cfg = parse_step_config(hidden1, hidden2, preprocess, preprocess_param);
+StepConfig make_config(int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
+                       const std::string& matmul_precision = "float32") {
+  const StepConfig cfg = parse_step_config(hidden1, hidden2, preprocess, preprocess_param, matmul_precision);
   if (const char* msg = validate_config(cfg)) throw py::value_error(msg);
   return cfg;
 }
@@ -151,9 +154,10 @@ struct BackwardInputs {
 BackwardInputs checked_backward_inputs(const py::array& phi, const py::array& grad, const py::array& state,
                                        double scale, const py::array& d_update, const py::object& d_new_state,
                                        int hidden1, int hidden2, const std::string& preprocess,
-                                       double preprocess_param, const py::object& activations = py::none()) {
+                                       double preprocess_param, const std::string& matmul_precision,
+                                       const py::object& activations = py::none()) {
   BackwardInputs in;
-  in.cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+  in.cfg = make_config(hidden1, hidden2, preprocess, preprocess_param, matmul_precision);
   in.phi = checked(phi, "phi", {in.cfg.num_params()});
   in.grad = checked(grad, "grad", {-1});
   in.n = grad.shape(0);
@@ -168,8 +172,8 @@ BackwardInputs checked_backward_inputs(const py::array& phi, const py::array& gr
 
 py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                       int hidden1, int hidden2, const std::string& preprocess, double preprocess_param,
-                      int num_threads, bool save_activations) {
-  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param);
+                      int num_threads, bool save_activations, const std::string& matmul_precision) {
+  const StepConfig cfg = make_config(hidden1, hidden2, preprocess, preprocess_param, matmul_precision);
   const float* phi_p = checked(phi, "phi", {cfg.num_params()});
   const float* grad_p = checked(grad, "grad", {-1});
   const int64_t n = grad.shape(0);
@@ -195,9 +199,9 @@ py::tuple forward_cpu(const py::array& phi, const py::array& grad, const py::arr
 py::tuple backward_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                        const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
                        const std::string& preprocess, double preprocess_param, int num_threads,
-                       const py::object& activations, bool input_gradient) {
+                       const py::object& activations, bool input_gradient, const std::string& matmul_precision) {
   const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
-                                                    preprocess, preprocess_param, activations);
+                                                    preprocess, preprocess_param, matmul_precision, activations);
   const StepConfig& cfg = in.cfg;
   const int64_t n = in.n, P = cfg.num_params();
   py::array_t<float> d_phi({P});
@@ -253,9 +257,9 @@ double tsc_hz() {
 py::dict phase_ticks_cpu(const py::array& phi, const py::array& grad, const py::array& state, double scale,
                          const py::array& d_update, const py::object& d_new_state, int hidden1, int hidden2,
                          const std::string& preprocess, double preprocess_param, int repeats,
-                         bool saved_activations, bool input_gradient) {
+                         bool saved_activations, bool input_gradient, const std::string& matmul_precision) {
   const BackwardInputs in = checked_backward_inputs(phi, grad, state, scale, d_update, d_new_state, hidden1, hidden2,
-                                                    preprocess, preprocess_param);
+                                                    preprocess, preprocess_param, matmul_precision);
   const StepConfig& cfg = in.cfg;
   const int64_t n = in.n;
   if (repeats < 1) throw py::value_error("repeats must be >= 1");
@@ -325,13 +329,14 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("forward_cpu", &l2l::forward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("hidden1") = 20, py::arg("hidden2") = 20, py::arg("preprocess") = "none",
         py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0, py::arg("save_activations") = false,
+        py::arg("matmul_precision") = "float32",
         "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]), and "
         "with save_activations the activations (5 (H1 + H2) x N floats, shaped [5 (H1 + H2), N], in the blocked layout "
         "of lstm_step.h: activation_group coordinates per block) a backward can use instead of recomputing them.");
   m.def("backward_cpu", &l2l::backward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,
         py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0,
-        py::arg("activations") = py::none(), py::arg("input_gradient") = true,
+        py::arg("activations") = py::none(), py::arg("input_gradient") = true, py::arg("matmul_precision") = "float32",
         "Backward of forward_cpu (d_new_state may be None; activations: what forward_cpu saved for the same "
         "inputs, else None to recompute them) -> (d_phi [P], d_grad [N], d_state [S, N]); input_gradient=False: "
         "d_grad is None, not computed (d_phi and d_state are the same).");
@@ -342,6 +347,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("scale"), py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20,
         py::arg("hidden2") = 20, py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0,
         py::arg("repeats") = 5, py::arg("saved_activations") = false, py::arg("input_gradient") = true,
+        py::arg("matmul_precision") = "float32",
         "Time-stamp-counter ticks per kernel phase of one forward and one backward on this thread (minimum over "
         "repeats): {'phases', 'forward', 'backward', 'tsc_hz'}.");
   m.def("fma_peak", &l2l::fma_peak, py::arg("threads") = 0, py::arg("seconds") = 0.3,

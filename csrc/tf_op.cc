@@ -8,7 +8,9 @@
 //   L2lLstmStepMultiGrad(phi, grads, states, scale, d_updates: N x [N_i], d_new_states: N x ([S, N_i] or [0]))
 //       -> (d_phi [P], d_grads: N x [N_i], d_states: N x [S, N_i])
 //   attrs: hidden1, hidden2 (int >= 1), preprocess in {"none", "paper", "clamped"}, preprocess_param (float; in
-//   [0.001, 80] for "paper" and "clamped", see lstm_step.h); the Multi ops also N (>= 1).
+//   [0.001, 80] for "paper" and "clamped", see lstm_step.h), matmul_precision in {"float32", "bfloat16"} (the CPU
+//   kernels' GEMMs on bf16-rounded inputs with float32 sums; StepConfig::bf16_matmul; the GPU kernels reject it);
+//   the Multi ops also N (>= 1).
 // The Multi ops step all of a rule's tensors in one call (one optimizer step): one launch, one split of all their
 // chunks over the threads, small tensors riding along with the big ones. In the Multi gradient a d_new_states
 // entry of shape [0] stands for zeros (a state not used further, e.g. after the last step of an unroll), so no
@@ -89,6 +91,12 @@ absl::Status GetStepConfig(Context* c, l2l::StepConfig* cfg) {
     return errors::InvalidArgument("preprocess must be 'none', 'paper' or 'clamped', got '", preprocess, "'");
   }
   cfg->preprocess_param = param;
+  std::string precision;
+  TF_RETURN_IF_ERROR(c->GetAttr("matmul_precision", &precision));
+  if (precision != "float32" && precision != "bfloat16") {
+    return errors::InvalidArgument("matmul_precision must be 'float32' or 'bfloat16', got '", precision, "'");
+  }
+  cfg->bf16_matmul = precision == "bfloat16";
   if (const char* msg = l2l::validate_config(*cfg)) {
     return errors::InvalidArgument(msg, " (preprocess_param=", param, ")");
   }
@@ -239,6 +247,7 @@ REGISTER_OP("L2lLstmStep")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
+    .Attr("matmul_precision: string = 'float32'")
     .SetShapeFn(StepShape<false>);
 
 REGISTER_OP("L2lLstmStepGrad")
@@ -255,6 +264,7 @@ REGISTER_OP("L2lLstmStepGrad")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
+    .Attr("matmul_precision: string = 'float32'")
     .SetShapeFn(StepGradShape<false>);
 
 REGISTER_OP("L2lLstmStepMulti")
@@ -271,6 +281,7 @@ REGISTER_OP("L2lLstmStepMulti")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
+    .Attr("matmul_precision: string = 'float32'")
     .SetShapeFn(StepShape<true>);
 
 // input_gradients = false: the d_grads are not wanted (the grads came through a stop-gradient; l2l_tf/ops/fused.py
@@ -292,6 +303,7 @@ REGISTER_OP("L2lLstmStepMultiGrad")
     .Attr("hidden2: int = 20")
     .Attr("preprocess: string = 'none'")
     .Attr("preprocess_param: float = 10.0")
+    .Attr("matmul_precision: string = 'float32'")
     .SetShapeFn(StepGradShape<true>);
 
 // ---- run-time validation (shapes may be unknown at graph construction)
@@ -547,6 +559,9 @@ class LstmStepGpuOp : public OpKernel {
  public:
   explicit LstmStepGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES(ctx, !cfg_.bf16_matmul,
+                errors::InvalidArgument("matmul_precision='bfloat16' is implemented by the CPU kernels only (the GPU "
+                                        "forward uses TF32 where TensorFlow allows it); place the op on the CPU"));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
   }
 
@@ -575,6 +590,9 @@ class LstmStepGradGpuOp : public OpKernel {
  public:
   explicit LstmStepGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
+    OP_REQUIRES(ctx, !cfg_.bf16_matmul,
+                errors::InvalidArgument("matmul_precision='bfloat16' is implemented by the CPU kernels only (the GPU "
+                                        "forward uses TF32 where TensorFlow allows it); place the op on the CPU"));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
     if (kMulti) OP_REQUIRES_OK(ctx, ctx->GetAttr("input_gradients", &input_gradients_));
   }
