@@ -19,6 +19,7 @@
 //       the minimum over `repeats` runs of each phase (a benchmark mode; see experiments/bench_step.py)
 //   fma_peak(threads=0, seconds=0.3) -> float   multiply-adds per second of `threads` threads together (0: all
 //       cores) in the kernels' vector width: the peak the arithmetic floor is measured against
+//   bf16_matmul_available() -> bool   (the kernels were built with AVX512_BF16: matmul_precision="bfloat16" runs)
 //   cuda_available() -> bool
 //
 // Arrays must be C-contiguous float32 of the right shapes (ValueError otherwise); preprocess_param must lie in
@@ -324,6 +325,14 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::arg("hidden1"), py::arg("hidden2"), py::arg("preprocess"),
       "Length of the flat phi vector for these sizes and preprocessing.");
+  m.def(
+      "bf16_matmul_available",
+      []() {
+        l2l::StepConfig cfg;
+        cfg.bf16_matmul = true;
+        return l2l::validate_config(cfg) == nullptr;
+      },
+      "True when the CPU kernels were built with AVX512_BF16, so matmul_precision='bfloat16' runs.");
   // The saved activations' block width (lstm_step.h: how forward_cpu(save_activations=True) lays them out).
   m.attr("activation_group") = l2l::kActivationGroup;
   m.def("forward_cpu", &l2l::forward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),

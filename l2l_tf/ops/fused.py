@@ -109,14 +109,17 @@ def lstm_step(phi, grad, state, scale, config: StepConfig):
                                 preprocess=config.preprocess, preprocess_param=config.preprocess_param)
 
 
-def lstm_steps(phi, grads, states, scale, config: StepConfig, save_activations=False):
+def lstm_steps(phi, grads, states, scale, config: StepConfig, save_activations=False, matmul_precision="float32"):
     """One step of every tensor with one call of the fused op (`L2lLstmStepMulti`): phi [P], grads [N_i], states
     [S, N_i], scale → (updates, new_states). One launch and one split of all the tensors' chunks over the threads, so
     a 10-coordinate bias rides along with the 15,680-coordinate kernel instead of paying a call of its own.
 
     save_activations: the CPU kernel also writes the activations its gradient needs ([5 (H1 + H2), N_i] each, kept
     by TensorFlow until the gradient runs), so the gradient does not recompute them (the forward's gate GEMMs and
-    pointwise math). Worth it where a gradient follows (meta-training), and only then."""
+    pointwise math). Worth it where a gradient follows (meta-training), and only then.
+
+    matmul_precision: "bfloat16" runs the forward's GEMMs, and those of its gradient, on bfloat16-rounded inputs
+    (the op's attr; CPU kernels built with AVX512_BF16)."""
     module = _load()
     if module is None:
         raise RuntimeError(f"the fused lstm_step op is not available: {_error}")
@@ -130,7 +133,8 @@ def lstm_steps(phi, grads, states, scale, config: StepConfig, save_activations=F
         raise ValueError(f"lstm_step: phi must have {config.num_params} elements for {config}, got {p}")
     updates, new_states, _ = module.l2l_lstm_step_multi(
         phi, grads, states, scale, hidden1=config.hidden1, hidden2=config.hidden2, preprocess=config.preprocess,
-        preprocess_param=config.preprocess_param, save_activations=bool(save_activations))
+        preprocess_param=config.preprocess_param, save_activations=bool(save_activations),
+        matmul_precision=matmul_precision)
     return list(updates), list(new_states)
 
 
@@ -146,7 +150,7 @@ def _lstm_step_grad(op, d_update, d_new_state):
     d_phi, d_grad, d_state = module.l2l_lstm_step_grad(
         phi, grad, state, scale, d_update, d_new_state, hidden1=op.get_attr("hidden1"),
         hidden2=op.get_attr("hidden2"), preprocess=op.get_attr("preprocess"),
-        preprocess_param=op.get_attr("preprocess_param"))
+        preprocess_param=op.get_attr("preprocess_param"), matmul_precision=op.get_attr("matmul_precision"))
     return [d_phi, d_grad, d_state, None]  # no gradient to scale
 
 
@@ -187,7 +191,8 @@ def _lstm_step_multi_grad(op, *upstream):
     d_phi, d_grads, d_states = module.l2l_lstm_step_multi_grad(
         phi, grads, states, scale, d_updates, d_new_states, activations, hidden1=op.get_attr("hidden1"),
         hidden2=op.get_attr("hidden2"), preprocess=op.get_attr("preprocess"),
-        preprocess_param=op.get_attr("preprocess_param"), input_gradients=input_gradients)
+        preprocess_param=op.get_attr("preprocess_param"), input_gradients=input_gradients,
+        matmul_precision=op.get_attr("matmul_precision"))
     if not input_gradients:
         d_grads = [None] * count
     return [d_phi, *d_grads, *d_states, None]  # no gradient to scale

@@ -50,20 +50,39 @@ def preprocess(grad, config: StepConfig):
     return tf.stack([log_feature, sign_feature])
 
 
-def _lstm_cell(layer, inputs, cell):
-    gates = tf.matmul(layer["w"], inputs) + layer["b"][:, None]
+def _round_to_bfloat16(x):
+    return tf.cast(tf.cast(x, tf.bfloat16), tf.float32)  # round to nearest even
+
+
+@tf.custom_gradient
+def _bfloat16_matmul(w, x):
+    """w @ x on bfloat16-rounded inputs with float32 sums, and likewise in the gradient (its GEMMs round the
+    upstream gradient and the other input): what the fused kernels' bfloat16 GEMMs compute."""
+    w16, x16 = _round_to_bfloat16(w), _round_to_bfloat16(x)
+
+    def grad(dz):
+        dz16 = _round_to_bfloat16(dz)
+        return tf.matmul(dz16, x16, transpose_b=True), tf.matmul(w16, dz16, transpose_a=True)
+
+    return tf.matmul(w16, x16), grad
+
+
+def _lstm_cell(layer, inputs, cell, matmul_precision="float32"):
+    matmul = _bfloat16_matmul if matmul_precision == "bfloat16" else tf.matmul
+    gates = matmul(layer["w"], inputs) + layer["b"][:, None]
     i, f, g, o = tf.split(gates, 4, axis=0)
     new_cell = tf.sigmoid(f) * cell + tf.sigmoid(i) * tf.tanh(g)
     return tf.sigmoid(o) * tf.tanh(new_cell), new_cell
 
 
-def lstm_step(phi, grad, state, scale, config: StepConfig):
-    """One step for N coordinates: φ tree, grad [N], state [S, N], scale scalar → (update [N], new state [S, N])."""
+def lstm_step(phi, grad, state, scale, config: StepConfig, matmul_precision="float32"):
+    """One step for N coordinates: φ tree, grad [N], state [S, N], scale scalar → (update [N], new state [S, N]).
+    matmul_precision "bfloat16": the two gate GEMMs (and their gradients) on bfloat16-rounded inputs."""
     grad, state, scale = validate_step_inputs(grad, state, scale, config)
     h1_units, h2_units = config.hidden1, config.hidden2
     h1, c1, h2, c2 = tf.split(state, [h1_units, h1_units, h2_units, h2_units], axis=0)
     x = preprocess(grad, config)
-    h1, c1 = _lstm_cell(phi["lstm1"], tf.concat([x, h1], 0), c1)
-    h2, c2 = _lstm_cell(phi["lstm2"], tf.concat([h1, h2], 0), c2)
+    h1, c1 = _lstm_cell(phi["lstm1"], tf.concat([x, h1], 0), c1, matmul_precision)
+    h2, c2 = _lstm_cell(phi["lstm2"], tf.concat([h1, h2], 0), c2, matmul_precision)
     update = scale * (tf.linalg.matvec(h2, phi["out"]["w"], transpose_a=True) + phi["out"]["b"][0])
     return update, tf.concat([h1, c1, h2, c2], axis=0)

@@ -74,6 +74,10 @@ class MetaTrainer:
             of the fused op reads them instead of recomputing them (CPU; default 1 GiB: a 100-step MNIST unroll of
             20 keeps 254 MB; 0: recompute everything). Saving changes the forward's rounding by an ulp or two, like
             the implementation choice, and is not part of a checkpoint's fingerprint.
+        matmul_precision: "float32" (default) or "bfloat16": the unrolls' LSTM GEMMs, forward and meta-gradient, on
+            bfloat16-rounded inputs with float32 sums (`ops.matmul_precision`; the fused CPU op then runs them at
+            twice the float32 rate). Validation and evaluation stay float32. A run-time choice like
+            `implementation`, not part of a checkpoint's fingerprint.
         run_config: JSON values of whatever else defines the run (a curriculum's phases, the data source, ...):
             part of the fingerprint a checkpoint must match to be resumed (see training/checkpoints.py).
     """
@@ -81,7 +85,7 @@ class MetaTrainer:
     def __init__(self, rule: UpdateRule, family, *, num_steps=100, unroll_length=20, loss_weights=None,
                  meta_loss="sum", second_derivatives=False, learning_rate=1e-3, clip_norm=None, jit_compile=False,
                  phi=None, seed=0, validation_family=None, implementation="auto", run_config=None,
-                 activation_memory=2**30):
+                 activation_memory=2**30, matmul_precision="float32"):
         if num_steps % unroll_length:
             raise ValueError(f"unroll_length ({unroll_length}) must divide num_steps ({num_steps})")
         self.rule, self.family = rule, family
@@ -99,6 +103,9 @@ class MetaTrainer:
         if activation_memory < 0:
             raise ValueError(f"activation_memory must be >= 0 bytes, got {activation_memory}")
         self.activation_memory = int(activation_memory)
+        if matmul_precision not in ops.MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {ops.MATMUL_PRECISIONS}, got {matmul_precision!r}")
+        self.matmul_precision = matmul_precision
         self.learning_rate, self.clip_norm = learning_rate, clip_norm
         self.run_config = {} if run_config is None else dict(run_config)
         initial = rule.init_phi(seed) if phi is None else rule.as_phi_tree(phi)
@@ -145,7 +152,7 @@ class MetaTrainer:
         weights = self.loss_weights[start_step:start_step + self.unroll_length]
         params, total = tuple(params), 0.0
         # The LSTM steps' activations are kept for the meta-gradient (within activation_memory), not recomputed.
-        with ops.saving_activations(self.activation_memory):
+        with ops.saving_activations(self.activation_memory), ops.matmul_precision(self.matmul_precision):
             for k in range(self.unroll_length):
                 if self.second_derivatives:
                     loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start_step + k)
