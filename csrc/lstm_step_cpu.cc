@@ -480,8 +480,8 @@ class Kernel {
         o_wtpair1 = take(2LL * H1_ * K1u_);
         o_wtpair2 = take(2LL * H2_ * K2u_);
         o_db = take(2LL * std::max(H1_, H2_) * kNV * 16);
-        o_ab = take(4LL * std::max(H1_, H2_) * kChunk);  // [G, kChunk] bf16 = 2 G kChunk bytes, rounded up
-        o_bb = take(int64_t(std::max(K1w_, K2w_)) * kChunk);
+        o_ab = take(2LL * (H1_ + H2_) * kChunk);  // both layers' dz: [4 H, kChunk] bf16 each
+        o_bb = take(int64_t(std::max(K1w_, K2w_)) * kChunk / 2);  // the weight gradient's input rows, bf16
       }
       // From here on: what must start at 0 (the zero row, the lane accumulators), one range.
       o_zero = take(kLd);
@@ -533,8 +533,10 @@ class Kernel {
       pack_bf16_gates(wp2_, H2_, K2_, wpair2_);
       if (backward_) {
         wtpair1_ = u32(o_wtpair1); wtpair2_ = u32(o_wtpair2); db_ = m + o_db; ab_ = m + o_ab; bb_ = m + o_bb;
-        pack_bf16_transposed(W1_, 4 * H1_, K1_, K1u_, wtpair1_);
-        pack_bf16_transposed(W2_, 4 * H2_, K2_, K2u_, wtpair2_);
+        pack_bf16_transposed(W1_, H1_, K1_, K1u_, wtpair1_);
+        pack_bf16_transposed(W2_, H2_, K2_, K2u_, wtpair2_);
+        dz16_2_ = reinterpret_cast<uint16_t*>(ab_);
+        dz16_1_ = dz16_2_ + 4LL * H2_ * kChunk;
       }
     }
   }
@@ -815,11 +817,17 @@ class Kernel {
               bf16_pair(wpj[4 * (2 * p) + q], 2 * p + 1 < K ? wpj[4 * (2 * p + 1) + q] : 0.0f);
     }
   }
-  // Input gradient: for gate pair gp and input k, (W[2 gp][k], W[2 gp + 1][k]); W is [G, K], rows ldw apart out.
-  static void pack_bf16_transposed(const float* W, int G, int K, int ldw, uint32_t* out) {
-    for (int gp = 0; gp < G / 2; ++gp)
-      for (int k = 0; k < ldw; ++k)
-        out[int64_t(gp) * ldw + k] = k < K ? bf16_pair(W[int64_t(2 * gp) * K + k], W[int64_t(2 * gp + 1) * K + k]) : 0;
+  // Input gradient: the gate pairs of unit j are (i, f) = rows (j, H + j) and (g, o) = rows (2 H + j, 3 H + j) (the
+  // order in which cell_backward has them), pair 2 j and 2 j + 1; for input k, (W[first][k], W[second][k]). W is
+  // [4 H, K]; rows of out ldw apart.
+  static void pack_bf16_transposed(const float* W, int H, int K, int ldw, uint32_t* out) {
+    for (int j = 0; j < H; ++j)
+      for (int half = 0; half < 2; ++half) {
+        const float* first = W + (int64_t(2 * half) * H + j) * K;
+        const float* second = first + int64_t(H) * K;
+        uint32_t* o = out + (2LL * j + half) * ldw;
+        for (int k = 0; k < ldw; ++k) o[k] = k < K ? bf16_pair(first[k], second[k]) : 0;
+      }
   }
 #if L2L_HAS_BF16
   using vb = __m512i;
@@ -830,6 +838,21 @@ class Kernel {
     return _mm512_permutexvar_epi16(idx, (vb)_mm512_cvtne2ps_pbh((__m512)r1, (__m512)r0));  // r0 low, r1 high
   }
   static L2L_INLINE __m512 dot_bf16(__m512 acc, vb a, vb b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+  // cell_backward's dz of unit j, vector v of the sub-block (chunk columns off..off+15), as the bf16 GEMMs read them:
+  // rows q H + j of dz16 (bf16 rows of kChunk columns, in column order: the weight gradient pairs columns 2c, 2c+1)
+  // and the sub-block's gate pairs 2 j = (i, f), 2 j + 1 = (g, o) in db_ (the input gradient's pair order).
+  L2L_INLINE void store_dz_bf16(uint16_t* dz16, int H, int j, int off, int v, vf dzi, vf dzf, vf dzg, vf dzo) {
+    uint16_t* d = dz16 + int64_t(j) * kChunk + off;
+    const int64_t sz = int64_t(H) * kChunk;
+    const vf q[4] = {dzi, dzf, dzg, dzo};
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d + g * sz), (__m256i)_mm512_cvtneps_pbh((__m512)q[g]));
+    vb* p = reinterpret_cast<vb*>(db_) + int64_t(2 * j) * kNV + v;
+    p[0] = interleave_bf16(dzi, dzf);
+    p[kNV] = interleave_bf16(dzg, dzo);
+  }
 
   // gates() with bf16 inputs: the sub-block's input rows converted once (pairs of rows), then per unit and pair one
   // broadcast W pair per gate.
@@ -871,17 +894,11 @@ class Kernel {
     }
   }
 
-  // input_grad() with bf16 inputs: the sub-block's dz rows converted once (pairs of gate rows).
+  // input_grad() with bf16 inputs: the sub-block's dz in gate pairs, as cell_backward stored them (store_dz_bf16).
   __attribute__((noinline)) static void input_grad_bf16(const uint32_t* __restrict wt, int ldw, int Ku, int G,
-                                                        const float* __restrict dz, float* const* rows, int out_lo,
-                                                        int out_hi, bool nt, vb* __restrict db, Prefetcher* pf) {
+                                                        const vb* __restrict db, float* const* rows, int out_lo,
+                                                        int out_hi, bool nt, Prefetcher* pf) {
     const int Gp = G / 2;
-    for (int gp = 0; gp < Gp; ++gp) {
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v)
-        db[gp * kNV + v] = interleave_bf16(load(dz + int64_t(2 * gp) * kLd + v * kW),
-                                           load(dz + int64_t(2 * gp + 1) * kLd + v * kW));
-    }
     for (int k0 = 0; k0 < Ku; k0 += kKR) {
       pf->step();
       __m512 acc[kKR][kNV];
@@ -905,18 +922,20 @@ class Kernel {
     }
   }
 
-  // weight_grad() with bf16 inputs: each lane sums the products of two adjacent coordinates. Rows are converted in
-  // the same (cvtne2ps) order for dz and u, so pairs match without interleaving.
+  // weight_grad() with bf16 inputs: each lane sums the products of two adjacent coordinates. dz comes as bf16 rows
+  // in column order (store_dz_bf16); the input rows are converted here into the same order.
   __attribute__((noinline)) static void weight_grad_bf16(float* __restrict lanes, int G, int Kw,
-                                                         const float* __restrict dz, const float* const* u, int cols,
-                                                         vb* __restrict ab, vb* __restrict bb, Prefetcher* pf) {
+                                                         const uint16_t* __restrict dz16, const float* const* u,
+                                                         int cols, vb* __restrict bb, Prefetcher* pf) {
     const int nc = cols / (2 * kW);
-    auto convert = [nc](const float* row, vb* out) {
-      for (int c = 0; c < nc; ++c)
-        out[c] = (vb)_mm512_cvtne2ps_pbh((__m512)loadu(row + 2 * kW * c + kW), (__m512)loadu(row + 2 * kW * c));
-    };
-    for (int g = 0; g < G; ++g) convert(dz + int64_t(g) * kLd, ab + int64_t(g) * nc);
-    for (int k = 0; k < Kw; ++k) convert(u[k], bb + int64_t(k) * nc);
+    constexpr int kRow = kChunk / (2 * kW);  // vectors per bf16 row
+    const vb* ab = reinterpret_cast<const vb*>(dz16);
+    for (int k = 0; k < Kw; ++k) {
+      for (int c = 0; c < nc; ++c) {
+        const float* row = u[k] + 2 * kW * c;
+        bb[int64_t(k) * kRow + c] = (vb)_mm512_cvtne2ps_pbh((__m512)loadu(row + kW), (__m512)loadu(row));
+      }
+    }
     for (int g0 = 0; g0 < G; g0 += kGR) {
       for (int k0 = 0; k0 < Kw; k0 += kKC) {
         pf->step();
@@ -928,9 +947,9 @@ class Kernel {
         for (int col = 0; col < nc; ++col) {
           vb a[kGR], b[kKC];
 #pragma GCC unroll 8
-          for (int r = 0; r < kGR; ++r) a[r] = ab[int64_t(g0 + r) * nc + col];
+          for (int r = 0; r < kGR; ++r) a[r] = ab[int64_t(g0 + r) * kRow + col];
 #pragma GCC unroll 8
-          for (int c = 0; c < kKC; ++c) b[c] = bb[int64_t(k0 + c) * nc + col];
+          for (int c = 0; c < kKC; ++c) b[c] = bb[int64_t(k0 + c) * kRow + col];
 #pragma GCC unroll 8
           for (int r = 0; r < kGR; ++r)
 #pragma GCC unroll 8
@@ -953,16 +972,18 @@ class Kernel {
   void input_grad_gemm(const float* wt, const uint32_t* wtpair, int ldw, int Ku, int G, const float* dz,
                        float* const* rows, int out_lo, int out_hi) {
 #if L2L_HAS_BF16
-    if (bf16_) return input_grad_bf16(wtpair, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, reinterpret_cast<vb*>(db_), &pf_);
+    if (bf16_) {  // dz: cell_backward's gate pairs of this sub-block in db_
+      return input_grad_bf16(wtpair, ldw, Ku, G, reinterpret_cast<const vb*>(db_), rows, out_lo, out_hi, nt_, &pf_);
+    }
 #endif
     input_grad(wt, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, &pf_);
   }
-  void weight_grad_gemm(float* lanes, int G, int Kw, const float* dz, const float* const* u, int cols) {
+  void weight_grad_gemm(float* lanes, int G, int Kw, const float* dz, const uint16_t* dz16, const float* const* u,
+                        int cols) {
 #if L2L_HAS_BF16
-    if (bf16_) {
-      return weight_grad_bf16(lanes, G, Kw, dz, u, cols, reinterpret_cast<vb*>(ab_), reinterpret_cast<vb*>(bb_), &pf_);
-    }
+    if (bf16_) return weight_grad_bf16(lanes, G, Kw, dz16, u, cols, reinterpret_cast<vb*>(bb_), &pf_);
 #endif
+    (void)dz16;
     weight_grad(lanes, G, Kw, dz, u, cols, &pf_);
   }
 
@@ -1119,8 +1140,8 @@ class Kernel {
   // Backward of the pointwise LSTM math of unit j of one layer, one vector: its 5 activations (at a, lda apart), dh
   // (into h'), the upstream dc', c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums
   // of the 4 gates).
-  L2L_INLINE void cell_backward(const float* a, int64_t lda, int H, int j, int off, vf dh, vf dc_in, vf cold,
-                                float* dz, float* dcold_out, vf (&sb)[4]) {
+  L2L_INLINE void cell_backward(const float* a, int64_t lda, int H, int j, int off, int v, vf dh, vf dc_in, vf cold,
+                                float* dz, uint16_t* dz16, float* dcold_out, vf (&sb)[4]) {
     vf ig = loadu(a), fg = loadu(a + lda), gg = loadu(a + 2 * lda), og = loadu(a + 3 * lda), tc = loadu(a + 4 * lda);
     const vf one = splat(1.0f);
     vf dc = vfma(dh * og, one - tc * tc, dc_in);
@@ -1129,9 +1150,18 @@ class Kernel {
     vf dzg = dc * ig * (one - gg * gg);
     vf dzf = dc * cold * fg * (one - fg);
     store_out(dcold_out, dc * fg);
-    float* d = dz + int64_t(j) * kLd + off;
-    const int64_t sz = int64_t(H) * kLd;  // the dz rows are scratch at stride kLd
-    store(d, dzi); store(d + sz, dzf); store(d + 2 * sz, dzg); store(d + 3 * sz, dzo);
+#if L2L_HAS_BF16
+    if (bf16_) {  // the bf16 GEMMs' inputs straight from the registers (no float32 dz rows)
+      store_dz_bf16(dz16, H, j, off, v, dzi, dzf, dzg, dzo);
+      (void)dz;
+    } else
+#endif
+    {
+      float* d = dz + int64_t(j) * kLd + off;
+      const int64_t sz = int64_t(H) * kLd;  // the dz rows are scratch at stride kLd
+      store(d, dzi); store(d + sz, dzf); store(d + 2 * sz, dzg); store(d + 3 * sz, dzo);
+    }
+    (void)dz16; (void)v;
     sb[0] = sb[0] + dzi;
     sb[1] = sb[1] + dzf;
     sb[2] = sb[2] + dzg;
@@ -1285,8 +1315,9 @@ class Kernel {
           const float* a = as + (5 * H1 + 5LL * j) * lda + v * kW;
           dwo = vfma(dyv, loadu(a + 3 * lda) * loadu(a + 4 * lda), dwo);
           vf dh = vfma(dyv, wo, loadu(dns + (2 * H1 + j) * lddn + off));
-          cell_backward(a, lda, H2_, j, off, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
-                        loadu(st + (2 * H1 + H2 + j) * lds + off), dz2_, ds + (2 * H1 + H2 + j) * ldd + off, sb);
+          cell_backward(a, lda, H2_, j, off, v, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
+                        loadu(st + (2 * H1 + H2 + j) * lds + off), dz2_, dz16_2_, ds + (2 * H1 + H2 + j) * ldd + off,
+                        sb);
         }
         store(lwo_ + int64_t(j) * kW, dwo);
         add_bias_lanes(lb2_, H2_, j, sb);
@@ -1309,9 +1340,8 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           vf dh = load(dh1_ + int64_t(j) * kLd + off) + loadu(dns + int64_t(j) * lddn + off);
-          cell_backward(as + 5LL * j * lda + v * kW, lda, H1_, j, off, dh, loadu(dns + (H1 + j) * lddn + off),
-                        loadu(st + (H1 + j) * lds + off),
-                        dz1_, ds + (H1 + j) * ldd + off, sb);
+          cell_backward(as + 5LL * j * lda + v * kW, lda, H1_, j, off, v, dh, loadu(dns + (H1 + j) * lddn + off),
+                        loadu(st + (H1 + j) * lds + off), dz1_, dz16_1_, ds + (H1 + j) * ldd + off, sb);
         }
         add_bias_lanes(lb1_, H1_, j, sb);
       }
@@ -1330,8 +1360,8 @@ class Kernel {
       }
       mark(kPhaseInputGrad1);
     }
-    weight_grad_gemm(lw2_, 4 * H2_, K2w_, dz2_, u2_.data(), cols);
-    weight_grad_gemm(lw1_, 4 * H1_, K1w_, dz1_, u1_.data(), cols);
+    weight_grad_gemm(lw2_, 4 * H2_, K2w_, dz2_, dz16_2_, u2_.data(), cols);
+    weight_grad_gemm(lw1_, 4 * H1_, K1w_, dz1_, dz16_1_, u1_.data(), cols);
     mark(kPhaseWeightGrad);
   }
 
@@ -1371,6 +1401,7 @@ class Kernel {
   bool bf16_ = false;  // cfg_.bf16_matmul
   uint32_t *wpair1_ = nullptr, *wpair2_ = nullptr, *wtpair1_ = nullptr, *wtpair2_ = nullptr;
   float *xb_ = nullptr, *db_ = nullptr, *ab_ = nullptr, *bb_ = nullptr;  // bf16 GEMM inputs (scratch)
+  uint16_t *dz16_1_ = nullptr, *dz16_2_ = nullptr;  // the chunk's dz as bf16 rows (in ab_), layers 1 and 2
   std::vector<const float*> u1_, u2_;  // GEMM input rows of the current chunk (stage_inputs)
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores
