@@ -40,7 +40,10 @@ Implementations, all through the public switch `ops.lstm_step` on a φ tree: tf_
 eagerly), tf_function (reference in tf.function), tf_xla (reference in tf.function(jit_compile=True)), fused (the
 custom op in tf.function, φ flattened for it as in every real step; its gradient recomputes the forward's
 activations), fused_saved (the same inside `ops.saving_activations`, as in a meta-training unroll: the forward keeps
-its activations for the gradient, as autodiff keeps the pure-TF variants' intermediates; forward_backward only).
+its activations for the gradient, as autodiff keeps the pure-TF variants' intermediates; forward_backward only);
+with the suffix _bf16 the same inside `ops.matmul_precision("bfloat16")`: the GEMM inputs rounded to bfloat16 (the
+fused op's AVX512_BF16 dot products; tf_xla_bf16 is the reference's emulation of the same arithmetic under XLA).
+"vs best TF" divides the fastest pure-TF row of the size and pass, float32 or bfloat16, by the row's time.
 Passes: forward (update and new state), forward_backward (forward, then the gradient of a loss of both outputs
 with respect to phi through GradientTape: the first-order meta-training pattern; the optimizee gradient enters
 through a stop-gradient, so the backward produces the gradients to phi and the state, not to the gradient input).
@@ -79,8 +82,11 @@ flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
                   "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
                   "split; phases: kernel ticks per coordinate by phase.")
 flags.DEFINE_list("sizes", ["100000", "1000000"], "Numbers of coordinates N.")
-flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "fused", "fused_saved"],
-                  "Implementations to time: tf_eager, tf_function, tf_xla, fused, fused_saved.")
+STEP_IMPLS = ("tf_eager", "tf_function", "tf_xla", "tf_xla_bf16", "fused", "fused_saved", "fused_saved_bf16")
+flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "tf_xla_bf16", "fused", "fused_saved",
+                            "fused_saved_bf16"], f"Implementations to time: {', '.join(STEP_IMPLS)}.")
+flags.register_validator("impls", lambda names: set(names) <= set(STEP_IMPLS),
+                         f"--impls must name some of {', '.join(STEP_IMPLS)}")
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (tracing, XLA compilation).")
@@ -116,7 +122,7 @@ flags.DEFINE_integer("meta_runs", 10, "Timed 100-step meta-training runs per mea
 flags.DEFINE_string("meta_json", None, "Write the --benchmark=meta rows to this JSON file.")
 flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
-TF_IMPLS = ("tf_eager", "tf_function", "tf_xla")
+TF_IMPLS = ("tf_eager", "tf_function", "tf_xla", "tf_xla_bf16")
 
 
 def bytes_per_coord(pass_name, cfg):
@@ -129,12 +135,13 @@ def bytes_per_coord(pass_name, cfg):
 
 def make_step(impl, cfg):
     implementation = ops.check_implementation("fused" if impl.startswith("fused") else "reference")
-    if impl == "fused_saved":
-        def step(phi, grad, state, scale):
-            with ops.saving_activations(1 << 40):
-                return ops.lstm_step(phi, grad, state, scale, cfg, implementation)
-        return step
-    return lambda phi, grad, state, scale: ops.lstm_step(phi, grad, state, scale, cfg, implementation)
+    saving = 1 << 40 if impl.startswith("fused_saved") else 0
+    precision = "bfloat16" if impl.endswith("_bf16") else "float32"
+
+    def step(phi, grad, state, scale):
+        with ops.saving_activations(saving), ops.matmul_precision(precision):
+            return ops.lstm_step(phi, grad, state, scale, cfg, implementation)
+    return step
 
 
 def make_pass(impl, pass_name, cfg):
@@ -153,7 +160,7 @@ def make_pass(impl, pass_name, cfg):
     fn = forward if pass_name == "forward" else forward_backward
     if impl == "tf_eager":
         return fn
-    return tf.function(fn, jit_compile=(impl == "tf_xla"))
+    return tf.function(fn, jit_compile=impl.startswith("tf_xla"))
 
 
 def time_calls(fn, args, warmup, repeats):
@@ -676,10 +683,13 @@ def main(argv):
         scale = tf.constant(0.1)
         for pass_name in FLAGS.passes:
             for impl in FLAGS.impls:
-                if impl == "fused_saved" and pass_name == "forward":
+                if impl.startswith("fused_saved") and pass_name == "forward":
                     continue
                 if impl.startswith("fused") and not ops.fused_available():
                     print(f"skipping fused: {ops.fused_load_error()}", flush=True)
+                    continue
+                if impl == "fused_saved_bf16" and not _bf16_supported():
+                    print("skipping fused_saved_bf16: the op library was built without AVX512_BF16", flush=True)
                     continue
                 ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), (phi, grad, state, scale), FLAGS.warmup,
                                         FLAGS.repeats)
