@@ -638,7 +638,7 @@ def phases_benchmark():
               f"{fwd_s:.1f} | {bwd_s:.1f} (fwd + bwd {(fwd_s + bwd_s) / (fwd + bwd):.2f}× recomputing) | "
               f"{bwd_m:.1f} (fwd + bwd {(fwd_s + bwd_m) / (4 * floor):.2f}× the 4-pass floor) | "
               + (f"{sum(bf16['forward']) / n:.1f} | {sum(bf16['backward']) / n:.1f} (fwd + bwd "
-                 f"{(sum(bf16['forward']) + sum(bf16['backward'])) / (fwd_s + bwd_m):.2f}× float32) |" if bf16 else
+                 f"{(sum(bf16['forward']) + sum(bf16['backward'])) / n / (fwd_s + bwd_m):.2f}× float32) |" if bf16 else
                  "- | - |"))
 
 

@@ -253,7 +253,8 @@ class Runs:
                            second_derivatives=FLAGS.second_derivatives,
                            learning_rate=phase.learning_rate_schedule(steps), clip_norm=FLAGS.clip_norm,
                            seed=FLAGS.seed, phi=phi, validation_family=families["validation"],
-                           implementation=FLAGS.implementation, run_config=run_config)
+                           implementation=FLAGS.implementation,
+                           matmul_precision=FLAGS.matmul_precision, run_config=run_config)
 
     def train(self, name, run_dir, rule, phi, families, values, from_phi=False, first=None):
         """Meta-trains run `name` through every phase (phase 1 continuing `first`, a phase-1 trainer that the output

@@ -173,6 +173,7 @@ def main(argv):
                                   learning_rate=phase.learning_rate_schedule(FLAGS.num_steps),
                                   clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, phi=phi,
                                   validation_family=families["validation"], implementation=FLAGS.implementation,
+                                  matmul_precision=FLAGS.matmul_precision,
                                   run_config=run_config)
             phi = common.meta_train(trainer, phase.epochs, checkpoint_dir=os.path.join(logdir, "checkpoint" + suffix),
                                     logdir=os.path.join(logdir, "train" + suffix))

@@ -55,6 +55,7 @@ def main(argv):
         trainer = MetaTrainer(rule, family, num_steps=FLAGS.num_steps, unroll_length=FLAGS.unroll_length,
                               second_derivatives=FLAGS.second_derivatives, learning_rate=FLAGS.learning_rate,
                               clip_norm=FLAGS.clip_norm, seed=FLAGS.seed, implementation=FLAGS.implementation,
+                              matmul_precision=FLAGS.matmul_precision,
                               phi=phi, run_config=common.run_config(experiment="quadratic"))
         phi = common.meta_train(trainer, FLAGS.num_epochs, checkpoint_dir=os.path.join(logdir, "checkpoint"),
                                 logdir=os.path.join(logdir, "train"))
