@@ -29,7 +29,7 @@ def bf16_available():
 
 
 needs_bf16 = pytest.mark.skipif(not (ops.fused_available() and bf16_available()),
-                                reason="the op library was built without AVX512_BF16 (or not built)")
+                                reason="the op library lacks AVX512_BF16 (or did not load)")
 
 
 def round_bf16(x):
