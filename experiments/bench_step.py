@@ -19,8 +19,9 @@ ones of the same shape), median of --meta_runs after warm-up, for each --meta_im
 and the arithmetic floor: 4 GEMM passes per step (the forward, and the backward's recomputed forward, input
 gradient and weight gradient; "fused", which keeps the forward's activations for the backward, runs 3 of them,
 "fused_recompute" all 4), each 4 H1 (D + H1) + 4 H2 (H1 + H2) + H2 multiply-adds per coordinate (4,980 at
-20/20 with D = 2), over the rule's coordinates and 100 steps, at the machine's multiply-add peak measured here
-(`_kernels.fma_peak`: all cores, the kernels' vector width).
+20/20 with D = 2), over the rule's coordinates and 100 steps, at the machine's float32 multiply-add peak measured
+here (`_kernels.fma_peak`: all cores, the kernels' vector width). "fused_bf16" is "fused" with
+matmul_precision="bfloat16" (the GEMMs on bfloat16 inputs at twice that rate; the floor column stays float32's).
 
 --benchmark=phases: the CPU kernels alone (pybind11 module, one thread) on --sizes coordinates: time-stamp-counter
 ticks per coordinate in each phase of the forward and of the backward (min over --repeats calls), and for the GEMM
