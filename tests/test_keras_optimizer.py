@@ -248,8 +248,10 @@ def test_auto_implementation_uses_the_reference_under_xla(monkeypatch):
     """With a (fake) fused op available, "auto" runs it eagerly but never inside jit_compile=True."""
     calls = []
 
-    def fake_fused(phi, grads, states, scale, config, save_activations=False):  # ops.lstm_steps: all tensors at once
+    def fake_fused(phi, grads, states, scale, config, save_activations=False, matmul_precision="float32"):
+        # (ops.lstm_steps: all tensors at once)
         assert not save_activations  # only a meta-training unroll keeps activations
+        assert matmul_precision == "float32"  # Keras steps are float32
         calls.append(tf.executing_eagerly())
         pairs = [reference.lstm_step(ops.phi_tree(phi, config), g, s, scale, config) for g, s in zip(grads, states)]
         return [u for u, _ in pairs], [s for _, s in pairs]
