@@ -792,10 +792,6 @@ class Kernel {
     return infinite ? splat(0.0f) : r;
   }
 
-  // ---- gate GEMM of one layer on one sub-block: for every unit j, out[j][q][v] = b[q j] + sum_k W[q j][k] in[k][v]
-  // (q: gate i, f, g, o; v: the kNV vectors of the sub-block). Register tile: the 4 gates of one unit x kNV
-  // vectors (16 accumulators with AVX-512). Not inlined and separate from the pointwise math, so that the
-  // accumulators own the registers and the FMA stream runs uninterrupted across units.
   // ---- bfloat16 GEMMs (cfg_.bf16_matmul). vdpbf16ps adds to each float32 lane the products of a pair of bf16
   // values: the pairs run along the reduction (k for the gates, gates for the input gradient, two adjacent
   // coordinates for the weight gradient), so the inputs are converted (round to nearest even) into pair order.
@@ -987,6 +983,10 @@ class Kernel {
     weight_grad(lanes, G, Kw, dz, u, cols, &pf_);
   }
 
+  // ---- gate GEMM of one layer on one sub-block: for every unit j, out[j][q][v] = b[q j] + sum_k W[q j][k] in[k][v]
+  // (q: gate i, f, g, o; v: the kNV vectors of the sub-block). Register tile: the 4 gates of one unit x kNV
+  // vectors (16 accumulators with AVX-512). Not inlined and separate from the pointwise math, so that the
+  // accumulators own the registers and the FMA stream runs uninterrupted across units.
   __attribute__((noinline)) static void gates(const float* __restrict wp, const float* __restrict bp,
                                               const float* const* in, int s, int K, int H, float* __restrict out,
                                               Prefetcher* pf) {
