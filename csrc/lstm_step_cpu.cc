@@ -1153,7 +1153,6 @@ class Kernel {
 #if L2L_HAS_BF16
     if (bf16_) {  // the bf16 GEMMs' inputs straight from the registers (no float32 dz rows)
       store_dz_bf16(dz16, H, j, off, v, dzi, dzf, dzg, dzo);
-      (void)dz;
     } else
 #endif
     {

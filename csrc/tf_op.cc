@@ -552,6 +552,13 @@ void* OpStream(OpKernelContext* ctx) {
   return reinterpret_cast<void*>(ctx->eigen_device<Eigen::GpuDevice>().stream());
 }
 
+// The GPU kernels have no bfloat16 GEMMs (their forward has TF32).
+absl::Status CpuOnlyPrecision(const l2l::StepConfig& cfg) {
+  if (!cfg.bf16_matmul) return absl::OkStatus();
+  return errors::InvalidArgument("matmul_precision='bfloat16' is implemented by the CPU kernels only (the GPU forward "
+                                 "uses TF32 where TensorFlow allows it); place the op on the CPU");
+}
+
 // One kernel launch per tensor (a launch costs microseconds there); with several tensors their d_phi are added on the
 // op's stream. Outputs are never the inputs' buffers.
 template <bool kMulti>
@@ -559,9 +566,7 @@ class LstmStepGpuOp : public OpKernel {
  public:
   explicit LstmStepGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
-    OP_REQUIRES(ctx, !cfg_.bf16_matmul,
-                errors::InvalidArgument("matmul_precision='bfloat16' is implemented by the CPU kernels only (the GPU "
-                                        "forward uses TF32 where TensorFlow allows it); place the op on the CPU"));
+    OP_REQUIRES_OK(ctx, CpuOnlyPrecision(cfg_));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
   }
 
@@ -590,9 +595,7 @@ class LstmStepGradGpuOp : public OpKernel {
  public:
   explicit LstmStepGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, GetStepConfig(ctx, &cfg_));
-    OP_REQUIRES(ctx, !cfg_.bf16_matmul,
-                errors::InvalidArgument("matmul_precision='bfloat16' is implemented by the CPU kernels only (the GPU "
-                                        "forward uses TF32 where TensorFlow allows it); place the op on the CPU"));
+    OP_REQUIRES_OK(ctx, CpuOnlyPrecision(cfg_));
     OP_REQUIRES_OK(ctx, GetLayout(ctx, kMulti, &layout_));
     if (kMulti) OP_REQUIRES_OK(ctx, ctx->GetAttr("input_gradients", &input_gradients_));
   }

@@ -599,20 +599,15 @@ def phases_benchmark():
         state = (rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)
         d_update = rng.standard_normal(n).astype(np.float32)
         d_state = rng.standard_normal((cfg.state_rows, n)).astype(np.float32)
-        out = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
-                                       cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats)
-        saved = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
-                                         cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
-                                         saved_activations=True)
+        ticks = functools.partial(_kernels.phase_ticks_cpu, phi, grad, state, 0.1, d_update, d_state, cfg.hidden1,
+                                  cfg.hidden2, cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats)
+        out = ticks()
+        saved = ticks(saved_activations=True)
         # As in first-order meta-training: activations kept, no gradient w.r.t. the optimizee gradient.
-        meta = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
-                                        cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
-                                        saved_activations=True, input_gradient=False)
+        meta = ticks(saved_activations=True, input_gradient=False)
         # The same with bfloat16 GEMM inputs (MetaTrainer(matmul_precision="bfloat16")), where the build has them.
-        bf16 = _kernels.phase_ticks_cpu(phi, grad, state, 0.1, d_update, d_state, cfg.hidden1, cfg.hidden2,
-                                        cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats,
-                                        saved_activations=True, input_gradient=False,
-                                        matmul_precision="bfloat16") if _bf16_supported() else None
+        bf16 = (ticks(saved_activations=True, input_gradient=False, matmul_precision="bfloat16")
+                if _bf16_supported() else None)
         per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
         print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
               f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "

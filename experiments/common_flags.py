@@ -199,8 +199,8 @@ def define_meta_training_flags(*, num_epochs, learning_rate, second_derivatives,
                                patience=None, num_epochs_help="0: evaluate --phi without meta-training.",
                                unroll_divides_steps=True):
     """Truncated-BPTT meta-training: --num_epochs, --num_steps, --unroll_length, --learning_rate, --clip_norm,
-    --second_derivatives, --validation_every, --num_validation_problems, --patience, --matmul_precision. `num_epochs_help` adds the
-    binary's own meaning of --num_epochs. `unroll_divides_steps`: check that --unroll_length divides --num_steps
+    --second_derivatives, --validation_every, --num_validation_problems, --patience, --matmul_precision.
+    `num_epochs_help` adds the binary's own meaning of --num_epochs. `unroll_divides_steps`: check that --unroll_length divides --num_steps
     when parsing (binaries with curricula check each phase's unroll length when they parse --phase instead)."""
     flags.DEFINE_integer("num_epochs", num_epochs,
                          "Meta-training epochs (one fresh problem each)" + (f"; {num_epochs_help}" if num_epochs_help

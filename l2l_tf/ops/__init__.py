@@ -124,6 +124,13 @@ MATMUL_PRECISIONS = ("float32", "bfloat16")
 _precision = threading.local()
 
 
+def check_matmul_precision(precision):
+    """Validates a `matmul_precision` argument (so a bad one fails where it is given, not when a step is built)."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    return precision
+
+
 @contextlib.contextmanager
 def matmul_precision(precision):
     """LSTM steps built inside run their three GEMMs (gates, input gradient, weight gradient) in `precision`:
@@ -132,8 +139,7 @@ def matmul_precision(precision):
     (twice the float32 rate; an op built without them raises); the reference rounds the same GEMM inputs, also in
     its gradient, so the two agree to float32 rounding. Results move by ~0.1-0.3% of their size (README: precision).
     Read when the step is built (traced), like `saving_activations`."""
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    check_matmul_precision(precision)
     previous = getattr(_precision, "value", None)
     _precision.value = precision
     try:
@@ -190,7 +196,7 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
            "lstm_step", "lstm_steps", "saving_activations", "matmul_precision", "current_matmul_precision",
-           "MATMUL_PRECISIONS", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
+           "check_matmul_precision", "MATMUL_PRECISIONS", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
            "validate_step_inputs",
            "fused_available", "fused_load_error", "inside_xla_compilation", "check_implementation",
            "resolve_implementation", "layout"]

@@ -103,9 +103,7 @@ class MetaTrainer:
         if activation_memory < 0:
             raise ValueError(f"activation_memory must be >= 0 bytes, got {activation_memory}")
         self.activation_memory = int(activation_memory)
-        if matmul_precision not in ops.MATMUL_PRECISIONS:
-            raise ValueError(f"matmul_precision must be one of {ops.MATMUL_PRECISIONS}, got {matmul_precision!r}")
-        self.matmul_precision = matmul_precision
+        self.matmul_precision = ops.check_matmul_precision(matmul_precision)
         self.learning_rate, self.clip_norm = learning_rate, clip_norm
         self.run_config = {} if run_config is None else dict(run_config)
         initial = rule.init_phi(seed) if phi is None else rule.as_phi_tree(phi)
