@@ -39,25 +39,26 @@ def round_bf16(x):
     return u.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-def inputs(n, seed=0):
+def inputs(n, seed=0, config=CONFIG):
     rng = np.random.default_rng(seed)
     grad = (rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 0, n)).astype(np.float32)
-    state = rng.standard_normal((CONFIG.state_rows, n)).astype(np.float32)
-    for rows in (slice(0, 20), slice(40, 60)):  # h rows in (-1, 1)
+    state = rng.standard_normal((config.state_rows, n)).astype(np.float32)
+    h1, h2 = config.hidden1, config.hidden2
+    for rows in (slice(0, h1), slice(2 * h1, 2 * h1 + h2)):  # h rows in (-1, 1)
         state[rows] = np.tanh(state[rows])
     return tf.constant(grad), tf.constant(state)
 
 
-def step_and_gradients(implementation, precision, phi, grad, state, n):
+def step_and_gradients(implementation, precision, phi, grad, state, n, config=CONFIG):
     """Update, new state and the gradients of a fixed linear function of them w.r.t. grad, state and φ."""
     weights = np.random.default_rng(7)
     w_update = tf.constant(weights.standard_normal(n).astype(np.float32))
-    w_state = tf.constant(weights.standard_normal((CONFIG.state_rows, n)).astype(np.float32))
+    w_state = tf.constant(weights.standard_normal((config.state_rows, n)).astype(np.float32))
     leaves = tf.nest.flatten(phi)
     with tf.GradientTape() as tape:
         tape.watch([grad, state, *leaves])
         with ops.matmul_precision(precision):
-            (update,), (new_state,) = ops.lstm_steps(phi, [grad], [state], 0.1, CONFIG, implementation)
+            (update,), (new_state,) = ops.lstm_steps(phi, [grad], [state], 0.1, config, implementation)
         loss = tf.reduce_sum(update * w_update) + tf.reduce_sum(new_state * w_state)
     d_grad, d_state, *d_phi = tape.gradient(loss, [grad, state, *leaves])
     return {"update": update, "new_state": new_state, "d_grad": d_grad, "d_state": d_state,
@@ -118,6 +119,22 @@ def test_fused_bfloat16_matches_the_reference(n):
         assert moved < 2e-2, name
         if name not in ("d_phi[4]",):  # out/b: d_update summed, no GEMM in its path
             assert moved > 1e-5, name
+
+
+@needs_bf16
+@pytest.mark.parametrize("hidden", [(3, 27), (24, 5)])
+def test_fused_bfloat16_matches_the_reference_for_other_sizes(hidden):
+    """Gate counts that are not a multiple of the vector (4 x 3, 4 x 27: padded lanes) or of the weight gradient's
+    5-vector tile (108 gates: a tile of 5 vectors and one of 2), over three chunks with a partial one."""
+    rule = LSTMUpdateRule(*hidden, "paper")
+    config = rule.step_config
+    phi = rule.init_phi(2)
+    n = 700
+    grad, state = inputs(n, seed=5, config=config)
+    fused16 = step_and_gradients("fused", "bfloat16", phi, grad, state, n, config)
+    ref16 = step_and_gradients("reference", "bfloat16", phi, grad, state, n, config)
+    for name in fused16:
+        assert relative(fused16[name], ref16[name]) < 2e-4, name
 
 
 @needs_bf16
