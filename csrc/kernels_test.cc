@@ -717,7 +717,9 @@ int main() {
       config(20, 20, Preprocess::kClamped, 5.0f),  config(7, 5, Preprocess::kNone, 10.0f),
       config(7, 5, Preprocess::kPaper, 3.0f),      config(7, 5, Preprocess::kClamped, 2.0f),
       config(7, 5, Preprocess::kPaper, 1e-3f),     config(7, 5, Preprocess::kPaper, 80.0f),
-      config(7, 5, Preprocess::kClamped, 1e-3f),   config(7, 5, Preprocess::kClamped, 80.0f)};
+      config(7, 5, Preprocess::kClamped, 1e-3f),   config(7, 5, Preprocess::kClamped, 80.0f),
+      // 108 and 12 gates: with AVX-512, weight-gradient tiles of 5 and 2 gate vectors, and padded gate lanes.
+      config(27, 3, Preprocess::kPaper, 10.0f)};
   uint64_t seed = 1;
   for (const StepConfig& cfg : configs) {
     if (l2l::validate_config(cfg) != nullptr) {

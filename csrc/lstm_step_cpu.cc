@@ -331,8 +331,9 @@ constexpr int kLd = kChunk + 16;          // local row stride (floats): 64-byte 
 constexpr int kKR = 4;                    // rows of W^T per tile in the input-gradient GEMM
 constexpr int kGR = (kW == 16) ? 4 : 2;   // weight-gradient tile: gate rows
 constexpr int kKC = (kW == 16) ? 5 : 3;   //                       input columns
-constexpr int kWG = 5;                     // bf16 weight-gradient tile: vectors of gates (x kKC input columns)
-constexpr int kPairsPerStep = 4;           //   coordinate pairs per Prefetcher::step() in it
+// In bf16, the weight gradient is a GEMM over vectors of gates instead (weight_grad_gates): tiles of
+constexpr int kWG = 5;                     // vectors of gates x kKC inputs,
+constexpr int kPairsPerStep = 4;           // a Prefetcher::step() every 4 coordinate pairs of their long loops
 static_assert(kChunk % kSub == 0, "chunk must hold whole sub-blocks");
 static_assert(kActivationGroup % kSub == 0 && kChunk % kActivationGroup == 0,
               "a sub-block lies in one block of the saved activations, a chunk holds whole blocks");
@@ -466,7 +467,7 @@ class Kernel {
     const int K1p = (K1_ + 1) / 2, K2p = (K2_ + 1) / 2;
     const int64_t o_wpair1 = bf16 ? take(4LL * H1_ * K1p) : 0, o_wpair2 = bf16 ? take(4LL * H2_ * K2p) : 0;
     const int64_t o_xb = bf16 ? take(int64_t(std::max(K1p, K2p)) * kNV * 16) : 0;
-    int64_t o_wtpair1 = 0, o_wtpair2 = 0, o_db = 0, o_ab = 0, o_bb = 0, o_dzp = 0;
+    int64_t o_wtpair1 = 0, o_wtpair2 = 0, o_db = 0, o_ab = 0, o_bb = 0, o_dzt = 0;
     int64_t o_wt1 = 0, o_wt2 = 0, o_dz1 = 0, o_dz2 = 0, o_dh1 = 0, o_dx = 0, o_dy = 0,
             o_junk = 0, o_zero = 0, o_lw1 = 0, o_lw2 = 0, o_lb1 = 0, o_lb2 = 0, o_lwo = 0, o_lbo = 0;
     if (backward_) {
@@ -482,12 +483,12 @@ class Kernel {
         o_wtpair1 = take(2LL * H1_ * K1u_);
         o_wtpair2 = take(2LL * H2_ * K2u_);
         o_db = take(2LL * std::max(H1_, H2_) * kNV * 16);
-        // Both layers' dz as bf16 rows, [Gp, kChunk] each (Gp = 4 H rounded up to a vector; rows past 4 H are 0),
+        // Both layers' dz as bf16 rows, [Gp, kChunk] each (Gp: 4 H rounded up to a vector; rows past 4 H are 0),
         // one layer's of them transposed into coordinate pairs for the weight gradient, and its input rows in bf16.
         Gp1_ = int(round_up(4LL * H1_, kW));
         Gp2_ = int(round_up(4LL * H2_, kW));
         o_ab = take(int64_t(Gp1_ + Gp2_) * kChunk / 2);
-        o_dzp = take(int64_t(std::max(Gp1_, Gp2_)) * kChunk / 2);
+        o_dzt = take(int64_t(std::max(Gp1_, Gp2_)) * kChunk / 2);
         o_bb = take(int64_t(std::max(K1w_, K2w_)) * kChunk / 2);
       }
       // From here on: what must start at 0 (the zero row, the lane accumulators), one range.
@@ -540,7 +541,9 @@ class Kernel {
       pack_bf16_gates(wp2_, H2_, K2_, wpair2_);
       if (backward_) {
         wtpair1_ = u32(o_wtpair1); wtpair2_ = u32(o_wtpair2); db_ = m + o_db; ab_ = m + o_ab; bb_ = m + o_bb;
-        dzp_ = u32(o_dzp);
+        dzt_ = u32(o_dzt);
+        bbrows_.resize(size_t(std::max(K1w_, K2w_)));
+        for (size_t k = 0; k < bbrows_.size(); ++k) bbrows_[k] = u32(o_bb) + k * (kChunk / 2);
         pack_bf16_transposed(W1_, H1_, K1_, K1u_, wtpair1_);
         pack_bf16_transposed(W2_, H2_, K2_, K2u_, wtpair2_);
         dz16_2_ = reinterpret_cast<uint16_t*>(ab_);
@@ -724,9 +727,8 @@ class Kernel {
     const int per_sub = (saved ? 0 : 2 * (H1_ + H2_)) + H1_ + H2_ + (K1u_ + K2u_) / kKR;
     return (kChunk / kSub) * per_sub + weight_grad_steps(H1_, K1w_) + weight_grad_steps(H2_, K2w_);
   }
-  // Prefetcher::step() calls of one layer's weight gradient in a whole chunk: float32, one per register tile of kGR
-  // gate rows x kKC inputs; bf16, one per kPairsPerStep coordinate pairs of each tile of kWG vectors of gates x kKC
-  // inputs (the tiles are few and long).
+  // Prefetcher::step() calls of one layer's weight gradient in a whole chunk: weight_grad_gates (bf16), one per
+  // kCoordsPerStep coordinates of each tile (the tiles are few and long); weight_grad, one per tile.
   int weight_grad_steps(int H, int Kw) const {
     if (bf16_) return int(round_up(4LL * H, kW * kWG) / (kW * kWG)) * (Kw / kKC) * (kChunk / 2 / kPairsPerStep);
     return (4 * H / kGR) * (Kw / kKC);
@@ -936,6 +938,17 @@ class Kernel {
     }
   }
 
+  // The weight gradient's input rows of one chunk in bf16 (rows kChunk / 2 pairs apart): coordinates in order, so
+  // that a 32-bit element is a coordinate pair, as in cell_backward's dz rows (store_dz_bf16).
+  static void bf16_rows(const float* const* u, int Kw, int cols, vb* __restrict bb) {
+    constexpr int kRow = kChunk / (2 * kW);  // vectors per bf16 row
+    for (int k = 0; k < Kw; ++k)
+      for (int c = 0; c < cols / (2 * kW); ++c) {
+        const float* row = u[k] + 2 * kW * c;
+        bb[int64_t(k) * kRow + c] = (vb)_mm512_cvtne2ps_pbh((__m512)loadu(row + kW), (__m512)loadu(row));
+      }
+  }
+
   // The transpose of a 16 x 16 block of 32-bit elements: rows r[i] -> out + i * ldo (16 elements each).
   static L2L_INLINE void transpose16(vb (&r)[16], uint32_t* out, int64_t ldo) {
     vb t[16], u[16];
@@ -954,7 +967,8 @@ class Kernel {
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {  // 128-bit lanes: column 4 L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
       const vb v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-      const vb w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+      const vb w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+      const vb w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
       _mm512_store_si512(out + int64_t(c) * ldo, _mm512_shuffle_i32x4(v0, w0, 0x88));
       _mm512_store_si512(out + int64_t(4 + c) * ldo, _mm512_shuffle_i32x4(v1, w1, 0x88));
       _mm512_store_si512(out + int64_t(8 + c) * ldo, _mm512_shuffle_i32x4(v0, w0, 0xdd));
@@ -962,29 +976,29 @@ class Kernel {
     }
   }
 
-  // One register tile of the bf16 weight gradient: sums[k][g] += sum over the chunk's coordinate pairs p of
-  // dzp[p][g] . x[k][p] for NG vectors of gates from gv0 and kKC inputs from k0 (each lane: 2 products per pair).
+  // One register tile of weight_grad_gates: sums[k][g] += sum over the chunk's coordinate pairs p of dzt[p][g] . x[k][p]
+  // (vdpbf16ps: two products per lane), for NG vectors of gates from gv0 and the kKC inputs from k0.
   template <int NG>
-  __attribute__((noinline)) static void weight_grad_tile_bf16(float* __restrict sums, int Gp, int gv0, int k0,
-                                                              const uint32_t* __restrict dzp,
-                                                              const uint32_t* __restrict xb, int npairs,
-                                                              Prefetcher* pf) {
-    constexpr int kRow = kChunk / 2;  // uint32 pairs per bf16 input row
+  __attribute__((noinline)) static void weight_grad_tile(float* __restrict sums, int Gp, int gv0, int k0,
+                                                         const uint32_t* __restrict dzt, const uint32_t* const* x,
+                                                         int npairs, Prefetcher* pf) {
     __m512 acc[NG][kKC];
 #pragma GCC unroll 8
     for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 8
       for (int c = 0; c < kKC; ++c) acc[g][c] = _mm512_setzero_ps();
-    const uint32_t* x = xb + int64_t(k0) * kRow;
+    const uint32_t* xk[kKC];
+#pragma GCC unroll 8
+    for (int c = 0; c < kKC; ++c) xk[c] = x[k0 + c];
     for (int p = 0; p < npairs; ++p) {
       if (p % kPairsPerStep == 0) pf->step();
-      const uint32_t* d = dzp + int64_t(p) * Gp + gv0 * kW;
+      const uint32_t* d = dzt + int64_t(p) * Gp + gv0 * kW;
       vb a[NG];
 #pragma GCC unroll 8
       for (int g = 0; g < NG; ++g) a[g] = _mm512_load_si512(d + g * kW);
 #pragma GCC unroll 8
       for (int c = 0; c < kKC; ++c) {
-        const vb b = _mm512_set1_epi32(int(x[c * kRow + p]));
+        const vb b = _mm512_set1_epi32(int(xk[c][p]));
 #pragma GCC unroll 8
         for (int g = 0; g < NG; ++g) acc[g][c] = dot_bf16(acc[g][c], a[g], b);
       }
@@ -998,41 +1012,32 @@ class Kernel {
       }
   }
 
-  // weight_grad() with bf16 inputs, as a GEMM whose vectors run over the gates (the lanes accumulate whole sums, not
-  // partial sums of a coordinate lane, so nothing is reduced or re-read per chunk but one [Kw, Gp] tile of sums):
-  // dz's bf16 rows (store_dz_bf16: coordinates in order, so a 32-bit element is a coordinate pair) are transposed
-  // into dzp [pairs][Gp], the input rows converted into bf16 rows whose 32-bit elements are broadcast.
-  // sums: [Kw][Gp], G = 4 H gate rows of dz16 (rows to Gp are 0).
-  __attribute__((noinline)) static void weight_grad_bf16(float* __restrict sums, int G, int Kw,
-                                                         const uint16_t* __restrict dz16, const float* const* u,
-                                                         int cols, vb* __restrict bb, uint32_t* __restrict dzp,
-                                                         Prefetcher* pf) {
-    const int nc = cols / (2 * kW), npairs = cols / 2;
-    constexpr int kRow = kChunk / (2 * kW);  // vectors per bf16 row
-    for (int k = 0; k < Kw; ++k) {
-      for (int c = 0; c < nc; ++c) {
-        const float* row = u[k] + 2 * kW * c;
-        bb[int64_t(k) * kRow + c] = (vb)_mm512_cvtne2ps_pbh((__m512)loadu(row + kW), (__m512)loadu(row));
-      }
-    }
+  // The bf16 weight gradient of one layer and chunk as a GEMM whose vectors run over the gates: every lane
+  // accumulates a whole sum, so per chunk nothing is reduced and only the [Kw][Gp] sums are read and written once per
+  // tile (the coordinate-lane form, weight_grad, re-reads kW partial sums per output from L2 every chunk: in bf16
+  // that cost half the phase; in float32 this form measured no faster, its transposes costing what it saves). dz
+  // comes as bf16 rows (Gp of them, ldz pairs apart; rows past G are 0), a 32-bit element a coordinate pair,
+  // transposed here into dzt [pairs][Gp]; x: Kw input rows of bf16 pairs (bf16_rows), broadcast one at a time.
+  __attribute__((noinline)) static void weight_grad_gates(float* __restrict sums, int G, int Kw,
+                                                          const uint32_t* __restrict dz, int64_t ldz,
+                                                          const uint32_t* const* x, int npairs,
+                                                          uint32_t* __restrict dzt, Prefetcher* pf) {
     const int Gp = int(round_up(G, kW)), Gv = Gp / kW;
-    const vb* rows = reinterpret_cast<const vb*>(dz16);  // row g: kRow vectors of 16 coordinate pairs
     for (int gv = 0; gv < Gv; ++gv)
-      for (int c = 0; c < nc; ++c) {
+      for (int p = 0; p < npairs; p += kW) {
         vb r[16];
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) r[i] = rows[int64_t(gv * kW + i) * kRow + c];
-        transpose16(r, dzp + int64_t(c) * kW * Gp + gv * kW, Gp);
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(dz + int64_t(gv * kW + i) * ldz + p);
+        transpose16(r, dzt + int64_t(p) * Gp + gv * kW, Gp);
       }
-    const uint32_t* xb = reinterpret_cast<const uint32_t*>(bb);
     for (int gv0 = 0; gv0 < Gv; gv0 += kWG)
       for (int k0 = 0; k0 < Kw; k0 += kKC) {
         switch (std::min(kWG, Gv - gv0)) {
-          case 5: weight_grad_tile_bf16<5>(sums, Gp, gv0, k0, dzp, xb, npairs, pf); break;
-          case 4: weight_grad_tile_bf16<4>(sums, Gp, gv0, k0, dzp, xb, npairs, pf); break;
-          case 3: weight_grad_tile_bf16<3>(sums, Gp, gv0, k0, dzp, xb, npairs, pf); break;
-          case 2: weight_grad_tile_bf16<2>(sums, Gp, gv0, k0, dzp, xb, npairs, pf); break;
-          default: weight_grad_tile_bf16<1>(sums, Gp, gv0, k0, dzp, xb, npairs, pf); break;
+          case 5: weight_grad_tile<5>(sums, Gp, gv0, k0, dzt, x, npairs, pf); break;
+          case 4: weight_grad_tile<4>(sums, Gp, gv0, k0, dzt, x, npairs, pf); break;
+          case 3: weight_grad_tile<3>(sums, Gp, gv0, k0, dzt, x, npairs, pf); break;
+          case 2: weight_grad_tile<2>(sums, Gp, gv0, k0, dzt, x, npairs, pf); break;
+          default: weight_grad_tile<1>(sums, Gp, gv0, k0, dzt, x, npairs, pf); break;
         }
       }
   }
@@ -1055,13 +1060,18 @@ class Kernel {
 #endif
     input_grad(wt, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, &pf_);
   }
-  void weight_grad_gemm(float* lanes, int G, int Kw, const float* dz, const uint16_t* dz16, const float* const* u,
+  // sums: [Kw][Gp] whole sums in bf16 (weight_grad_gates), else [G][Kw] lanes of kW partial sums.
+  void weight_grad_gemm(float* sums, int G, int Kw, const float* dz, const uint16_t* dz16, const float* const* u,
                         int cols) {
 #if L2L_HAS_BF16
-    if (bf16_) return weight_grad_bf16(lanes, G, Kw, dz16, u, cols, reinterpret_cast<vb*>(bb_), dzp_, &pf_);
+    if (bf16_) {
+      bf16_rows(u, Kw, cols, reinterpret_cast<vb*>(bb_));
+      return weight_grad_gates(sums, G, Kw, reinterpret_cast<const uint32_t*>(dz16), kChunk / 2,
+                               bbrows_.data(), cols / 2, dzt_, &pf_);
+    }
 #endif
     (void)dz16;
-    weight_grad(lanes, G, Kw, dz, u, cols, &pf_);
+    weight_grad(sums, G, Kw, dz, u, cols, &pf_);
   }
 
   // ---- gate GEMM of one layer on one sub-block: for every unit j, out[j][q][v] = b[q j] + sum_k W[q j][k] in[k][v]
@@ -1454,7 +1464,7 @@ class Kernel {
   void reduce_lanes(float* d_phi) {
     float* dw1 = d_phi + cfg_.w1_offset();
     float* dw2 = d_phi + cfg_.w2_offset();
-    if (bf16_) {  // whole sums, [Kw][Gp] (weight_grad_bf16)
+    if (bf16_) {  // whole sums, [Kw][Gp] (weight_grad_gates)
       for (int64_t g = 0; g < 4LL * H1_; ++g)
         for (int k = 0; k < K1_; ++k) dw1[g * K1_ + k] += lw1_[k * Gp1_ + g];
       for (int64_t g = 0; g < 4LL * H2_; ++g)
@@ -1489,8 +1499,9 @@ class Kernel {
   uint32_t *wpair1_ = nullptr, *wpair2_ = nullptr, *wtpair1_ = nullptr, *wtpair2_ = nullptr;
   float *xb_ = nullptr, *db_ = nullptr, *ab_ = nullptr, *bb_ = nullptr;  // bf16 GEMM inputs (scratch)
   uint16_t *dz16_1_ = nullptr, *dz16_2_ = nullptr;  // the chunk's dz as bf16 rows (in ab_), layers 1 and 2
-  uint32_t* dzp_ = nullptr;  // one layer's dz transposed into coordinate pairs (weight_grad_bf16)
-  int Gp1_ = 0, Gp2_ = 0;    // 4 H1, 4 H2 rounded up to a vector (bf16 weight gradient)
+  std::vector<const uint32_t*> bbrows_;  // the rows of bb_
+  uint32_t* dzt_ = nullptr;  // one layer's dz transposed into coordinate pairs (weight_grad_gates)
+  int Gp1_ = 0, Gp2_ = 0;    // 4 H1, 4 H2 rounded up to a vector (bf16)
   std::vector<const float*> u1_, u2_;  // GEMM input rows of the current chunk (stage_inputs)
   Prefetcher pf_;
   bool nt_ = false;  // outputs of the current chunk are 64-byte aligned rows: use streaming stores

@@ -83,9 +83,9 @@ flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
                   "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
                   "split; phases: kernel ticks per coordinate by phase.")
 flags.DEFINE_list("sizes", ["100000", "1000000"], "Numbers of coordinates N.")
-STEP_IMPLS = ("tf_eager", "tf_function", "tf_xla", "tf_xla_bf16", "fused", "fused_saved", "fused_saved_bf16")
-flags.DEFINE_list("impls", ["tf_eager", "tf_function", "tf_xla", "tf_xla_bf16", "fused", "fused_saved",
-                            "fused_saved_bf16"], f"Implementations to time: {', '.join(STEP_IMPLS)}.")
+STEP_IMPLS = ("tf_eager", "tf_function", "tf_xla", "tf_xla_bf16", "fused", "fused_bf16", "fused_saved",
+              "fused_saved_bf16")
+flags.DEFINE_list("impls", list(STEP_IMPLS), f"Implementations to time: {', '.join(STEP_IMPLS)}.")
 flags.register_validator("impls", lambda names: set(names) <= set(STEP_IMPLS),
                          f"--impls must name some of {', '.join(STEP_IMPLS)}")
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
@@ -684,8 +684,8 @@ def main(argv):
                 if impl.startswith("fused") and not ops.fused_available():
                     print(f"skipping fused: {ops.fused_load_error()}", flush=True)
                     continue
-                if impl == "fused_saved_bf16" and not _bf16_supported():
-                    print("skipping fused_saved_bf16: the op library was built without AVX512_BF16", flush=True)
+                if impl.startswith("fused") and impl.endswith("_bf16") and not _bf16_supported():
+                    print(f"skipping {impl}: the op library was built without AVX512_BF16", flush=True)
                     continue
                 ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), (phi, grad, state, scale), FLAGS.warmup,
                                         FLAGS.repeats)
