@@ -691,10 +691,10 @@ def main(argv):
                                         FLAGS.repeats)
                 records.append({"impl": impl, "n": n, "pass": pass_name, "ms": ms})
                 cpu[(impl, n, pass_name)] = cpu_ms
-                print(f"  {impl:12s} N={n:<9d} {pass_name:17s} {ms:9.2f} ms (cpu {cpu_ms:.1f} ms)", flush=True)
+                print(f"  {impl:16s} N={n:<9d} {pass_name:17s} {ms:9.2f} ms (cpu {cpu_ms:.1f} ms)", flush=True)
 
     print()
-    header = (f"{'impl':12s} {'N':>9s} {'pass':17s} {'ms/step':>9s} {'GB/s':>7s} {'vs best TF':>10s} "
+    header = (f"{'impl':16s} {'N':>9s} {'pass':17s} {'ms/step':>9s} {'GB/s':>7s} {'vs best TF':>10s} "
               f"{'cpu ms':>9s}")
     print(header)
     print("-" * len(header))
@@ -703,7 +703,7 @@ def main(argv):
                        and q["impl"] in TF_IMPLS), default=None)
         gbs = bytes_per_coord(r["pass"], cfg) * r["n"] / (r["ms"] * 1e-3) / 1e9
         ratio = f"{best_tf / r['ms']:9.2f}x" if best_tf else f"{'-':>10s}"
-        print(f"{r['impl']:12s} {r['n']:9d} {r['pass']:17s} {r['ms']:9.2f} {gbs:7.2f} {ratio} "
+        print(f"{r['impl']:16s} {r['n']:9d} {r['pass']:17s} {r['ms']:9.2f} {gbs:7.2f} {ratio} "
               f"{cpu[(r['impl'], r['n'], r['pass'])]:9.1f}")
 
     if FLAGS.json:
