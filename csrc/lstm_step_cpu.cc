@@ -364,13 +364,22 @@ class Prefetcher {
   }
   // Spread the lines over `calls` calls of step().
   void plan(int calls) { per_call_ = int((total_ + calls - 1) / std::max(calls, 1)) + 1; }
+  // A run of lines of one row per inner loop (a prefetch and a pointer step per line: the backward issues ~23 lines
+  // per coordinate, so the bookkeeping per line counts).
   L2L_INLINE void step() {
-    for (int c = per_call_; c > 0 && si_ < ns_; --c) {
+    for (int c = per_call_; c > 0 && si_ < ns_;) {
       const Stream& st = s_[si_];
+      const int n = std::min(c, st.lines - line_);
       const char* p = st.base + row_ * st.ld + int64_t(line_) * 64;
-      if (st.write) __builtin_prefetch(p, 1, 2);
-      else __builtin_prefetch(p, 0, 2);
-      if (++line_ == st.lines) {
+      const char* const e = p + int64_t(n) * 64;
+      if (st.write) {
+        for (; p < e; p += 64) __builtin_prefetch(p, 1, 2);
+      } else {
+        for (; p < e; p += 64) __builtin_prefetch(p, 0, 2);
+      }
+      c -= n;
+      line_ += n;
+      if (line_ == st.lines) {
         line_ = 0;
         if (++row_ == st.rows) {
           row_ = 0;
