@@ -737,7 +737,7 @@ class Kernel {
     return (kChunk / kSub) * per_sub + weight_grad_steps(H1_, K1w_) + weight_grad_steps(H2_, K2w_);
   }
   // Prefetcher::step() calls of one layer's weight gradient in a whole chunk: weight_grad_gates (bf16), one per
-  // kCoordsPerStep coordinates of each tile (the tiles are few and long); weight_grad, one per tile.
+  // kPairsPerStep coordinate pairs of each tile (the tiles are few and long); weight_grad, one per tile.
   int weight_grad_steps(int H, int Kw) const {
     if (bf16_) return int(round_up(4LL * H, kW * kWG) / (kW * kWG)) * (Kw / kKC) * (kChunk / 2 / kPairsPerStep);
     return (4 * H / kGR) * (Kw / kKC);
@@ -974,7 +974,7 @@ class Kernel {
       u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
     }
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {  // 128-bit lanes: column 4 L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    for (int c = 0; c < 4; ++c) {  // 128-bit lanes: column 4 L + c is lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
       const vb v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
       const vb w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
       const vb w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
@@ -985,8 +985,8 @@ class Kernel {
     }
   }
 
-  // One register tile of weight_grad_gates: sums[k][g] += sum over the chunk's coordinate pairs p of dzt[p][g] . x[k][p]
-  // (vdpbf16ps: two products per lane), for NG vectors of gates from gv0 and the kKC inputs from k0.
+  // One register tile of weight_grad_gates: sums[k][g] += sum over the chunk's coordinate pairs p of
+  // dzt[p][g] . x[k][p] (vdpbf16ps: two products per lane), for NG vectors of gates from gv0 and kKC inputs from k0.
   template <int NG>
   __attribute__((noinline)) static void weight_grad_tile(float* __restrict sums, int Gp, int gv0, int k0,
                                                          const uint32_t* __restrict dzt, const uint32_t* const* x,
