@@ -919,33 +919,19 @@ class Kernel {
     }
   }
 
-  // input_grad() with bf16 inputs: the sub-block's dz in gate pairs, as cell_backward stored them (store_dz_bf16).
-  __attribute__((noinline)) static void input_grad_bf16(const uint32_t* __restrict wt, int ldw, int Ku, int G,
-                                                        const vb* __restrict db, float* const* rows, int out_lo,
-                                                        int out_hi, bool nt, Prefetcher* pf) {
-    const int Gp = G / 2;
-    for (int k0 = 0; k0 < Ku; k0 += kKR) {
-      pf->step();
-      __m512 acc[kKR][kNV];
-#pragma GCC unroll 4
-      for (int r = 0; r < kKR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
-      for (int gp = 0; gp < Gp; ++gp) {
-        vb x[kNV];
-#pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) x[v] = db[gp * kNV + v];
-        const uint32_t* w = wt + int64_t(gp) * ldw + k0;
-#pragma GCC unroll 4
-        for (int r = 0; r < kKR; ++r) {
-          const vb wv = _mm512_set1_epi32(int(w[r]));
-#pragma GCC unroll 4
-          for (int v = 0; v < kNV; ++v) acc[r][v] = dot_bf16(acc[r][v], x[v], wv);
-        }
-      }
-      write_rows(rows, k0, acc, out_lo, out_hi, nt);
-    }
-  }
+  // input_grad()'s bf16 policy: the sub-block's dz in gate pairs, as cell_backward stored them (store_dz_bf16), one
+  // 32-bit W^T pair per gate pair; vdpbf16ps.
+  struct InputGradBf16 {
+    using Acc = __m512;
+    using Dz = vb;
+    using X = vb;
+    using W = uint32_t;
+    static constexpr int kPerStep = 2;  // gates per reduction step
+    static L2L_INLINE Acc zero() { return _mm512_setzero_ps(); }
+    static L2L_INLINE Dz dz_at(const Dz* db, int gp, int v) { return db[gp * kNV + v]; }
+    static L2L_INLINE vb weight(W w) { return _mm512_set1_epi32(int(w)); }
+    static L2L_INLINE Acc madd(Acc acc, Dz x, vb w) { return dot_bf16(acc, x, w); }
+  };
 
   // The weight gradient's input rows of one chunk in bf16 (rows kChunk / 2 pairs apart): coordinates in order, so
   // that a 32-bit element is a coordinate pair, as in cell_backward's dz rows (store_dz_bf16).
@@ -1064,10 +1050,11 @@ class Kernel {
                        float* const* rows, int out_lo, int out_hi) {
 #if L2L_HAS_BF16
     if (bf16_) {  // dz: cell_backward's gate pairs of this sub-block in db_
-      return input_grad_bf16(wtpair, ldw, Ku, G, reinterpret_cast<const vb*>(db_), rows, out_lo, out_hi, nt_, &pf_);
+      return input_grad<InputGradBf16>(wtpair, ldw, Ku, G, reinterpret_cast<const vb*>(db_), rows, out_lo, out_hi, nt_,
+                                       &pf_);
     }
 #endif
-    input_grad(wt, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, &pf_);
+    input_grad<InputGradF32>(wt, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, &pf_);
   }
   // sums: [Kw][Gp] whole sums in bf16 (weight_grad_gates), else [G][Kw] lanes of kW partial sums.
   void weight_grad_gemm(float* sums, int G, int Kw, const float* dz, const uint16_t* dz16, const float* const* u,
@@ -1278,33 +1265,47 @@ class Kernel {
 
   // out rows k (pointers already at the sub-block): sum_g wt[g][k] dz[g][sub-block], for k < Ku.
   // Rows [out_lo, out_hi) are kernel outputs (d_state rows), the others local buffers.
-  // (wt rows ldw apart; Ku a multiple of kKR.)
-  __attribute__((noinline)) static void input_grad(const float* __restrict wt, int ldw, int Ku, int G,
-                                                   const float* __restrict dz, float* const* rows, int out_lo,
-                                                   int out_hi, bool nt, Prefetcher* pf) {
+  // (wt rows ldw apart; Ku a multiple of kKR.) The policy P says what dz and wt hold: float32 (InputGradF32: dz rows
+  // kLd apart, one W^T value per gate) or bf16 (InputGradBf16: gate pairs, one W^T pair per pair of gates).
+  template <class P>
+  __attribute__((noinline)) static void input_grad(const typename P::W* __restrict wt, int ldw, int Ku, int G,
+                                                   const typename P::Dz* __restrict dz, float* const* rows,
+                                                   int out_lo, int out_hi, bool nt, Prefetcher* pf) {
+    const int steps = G / P::kPerStep;
     for (int k0 = 0; k0 < Ku; k0 += kKR) {
       pf->step();
-      vf acc[kKR][kNV];
+      typename P::Acc acc[kKR][kNV];
 #pragma GCC unroll 4
       for (int r = 0; r < kKR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) acc[r][v] = splat(0.0f);
-      for (int g = 0; g < G; ++g) {
-        const float* d = dz + int64_t(g) * kLd;
-        vf x[kNV];
+        for (int v = 0; v < kNV; ++v) acc[r][v] = P::zero();
+      for (int g = 0; g < steps; ++g) {
+        typename P::X x[kNV];
 #pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) x[v] = load_reg(d + v * kW);
-        const float* w = wt + int64_t(g) * ldw + k0;
+        for (int v = 0; v < kNV; ++v) x[v] = P::dz_at(dz, g, v);
+        const typename P::W* w = wt + int64_t(g) * ldw + k0;
 #pragma GCC unroll 4
         for (int r = 0; r < kKR; ++r) {
-          const vf wv = splat(w[r]);
+          const auto wv = P::weight(w[r]);
 #pragma GCC unroll 4
-          for (int v = 0; v < kNV; ++v) acc[r][v] = vfma(wv, x[v], acc[r][v]);
+          for (int v = 0; v < kNV; ++v) acc[r][v] = P::madd(acc[r][v], x[v], wv);
         }
       }
       write_rows(rows, k0, acc, out_lo, out_hi, nt);
     }
   }
+  // input_grad()'s float32 policy: dz rows kLd floats apart, kept in registers (load_reg), one W^T value per gate.
+  struct InputGradF32 {
+    using Acc = vf;
+    using Dz = float;  // what dz points to
+    using X = vf;      // a vector of it in registers
+    using W = float;
+    static constexpr int kPerStep = 1;
+    static L2L_INLINE Acc zero() { return splat(0.0f); }
+    static L2L_INLINE vf dz_at(const float* dz, int g, int v) { return load_reg(dz + int64_t(g) * kLd + v * kW); }
+    static L2L_INLINE vf weight(W w) { return splat(w); }
+    static L2L_INLINE Acc madd(Acc acc, vf x, vf w) { return vfma(w, x, acc); }
+  };
 
   // The kKR output rows of an input-gradient tile: streamed where they are outputs (rows [out_lo, out_hi) with nt),
   // else stored.
