@@ -482,8 +482,10 @@ class Kernel {
     if (backward_) {
       o_wt1 = take(4LL * H1_ * K1u_);
       o_wt2 = take(4LL * H2_ * K2u_);
-      o_dz1 = take(4LL * H1_ * kLd);
-      o_dz2 = take(4LL * H2_ * kLd);
+      if (!bf16) {  // float32 dz rows (bf16 GEMMs read cell_backward's bf16 dz instead)
+        o_dz1 = take(4LL * H1_ * kLd);
+        o_dz2 = take(4LL * H2_ * kLd);
+      }
       o_dh1 = take(int64_t(H1_) * kLd);
       o_dx = take(2LL * kLd);
       o_dy = take(kLd);
@@ -502,8 +504,9 @@ class Kernel {
       }
       // From here on: what must start at 0 (the zero row, the lane accumulators), one range.
       o_zero = take(kLd);
-      o_lw1 = take(4LL * H1_ * K1w_ * kW);
-      o_lw2 = take(4LL * H2_ * K2w_ * kW);
+      // Weight-gradient sums: [Kw][Gp] whole sums in bf16, [4 H][Kw] lanes of kW partial sums in float32.
+      o_lw1 = take(bf16 ? int64_t(K1w_) * Gp1_ : 4LL * H1_ * K1w_ * kW);
+      o_lw2 = take(bf16 ? int64_t(K2w_) * Gp2_ : 4LL * H2_ * K2w_ * kW);
       o_lb1 = take(4LL * H1_ * kW);
       o_lb2 = take(4LL * H2_ * kW);
       o_lwo = take(int64_t(H2_) * kW);
@@ -529,7 +532,7 @@ class Kernel {
     for (int k = 0; k < H1_; ++k) u2_[size_t(k)] = in2_ + int64_t(k) * kLd;
     if (backward_) {
       wt1_ = m + o_wt1; wt2_ = m + o_wt2;
-      dz1_ = m + o_dz1; dz2_ = m + o_dz2;
+      if (!bf16) { dz1_ = m + o_dz1; dz2_ = m + o_dz2; }
       dh1_ = m + o_dh1; dx_ = m + o_dx; dy_ = m + o_dy; junk_ = m + o_junk; zero_ = m + o_zero;
       for (int k = K1_; k < K1w_; ++k) u1_[size_t(k)] = zero_;
       for (int k = K2_; k < K2w_; ++k) u2_[size_t(k)] = zero_;
@@ -1046,7 +1049,8 @@ class Kernel {
 #endif
     gates(wp, bp, in, s, K, H, gbuf_, &pf_);
   }
-  void input_grad_gemm(const float* wt, const uint32_t* wtpair, int ldw, int Ku, int G, const float* dz,
+  // dz: the float32 dz rows (null in bf16), read from column s.
+  void input_grad_gemm(const float* wt, const uint32_t* wtpair, int ldw, int Ku, int G, const float* dz, int s,
                        float* const* rows, int out_lo, int out_hi) {
 #if L2L_HAS_BF16
     if (bf16_) {  // dz: cell_backward's gate pairs of this sub-block in db_
@@ -1054,7 +1058,7 @@ class Kernel {
                                        &pf_);
     }
 #endif
-    input_grad<InputGradF32>(wt, ldw, Ku, G, dz, rows, out_lo, out_hi, nt_, &pf_);
+    input_grad<InputGradF32>(wt, ldw, Ku, G, dz + s, rows, out_lo, out_hi, nt_, &pf_);
   }
   // sums: [Kw][Gp] whole sums in bf16 (weight_grad_gates), else [G][Kw] lanes of kW partial sums.
   void weight_grad_gemm(float* sums, int G, int Kw, const float* dz, const uint16_t* dz16, const float* const* u,
@@ -1430,7 +1434,7 @@ class Kernel {
       }
       mark(kPhaseCellBackward2);
       for (int k = 0; k < K2u_; ++k) rows[k] = urow2_[k] + s;
-      input_grad_gemm(wt2_, wtpair2_, K2u_, K2u_, 4 * H2_, dz2_ + s, rows, H1_, K2_);
+      input_grad_gemm(wt2_, wtpair2_, K2u_, K2u_, 4 * H2_, dz2_, s, rows, H1_, K2_);
       mark(kPhaseInputGrad2);
       // Layer 1.
       for (int j = 0; j < H1_; ++j) {
@@ -1448,7 +1452,7 @@ class Kernel {
       mark(kPhaseCellBackward1);
       for (int k = 0; k < K1u_; ++k) rows[k] = urow1_[k] + s;
       if (dg) {
-        input_grad_gemm(wt1_, wtpair1_, K1u_, int(round_up(K1_, kKR)), 4 * H1_, dz1_ + s, rows, D_, K1_);
+        input_grad_gemm(wt1_, wtpair1_, K1u_, int(round_up(K1_, kKR)), 4 * H1_, dz1_, s, rows, D_, K1_);
 #pragma GCC unroll 4
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
@@ -1456,7 +1460,7 @@ class Kernel {
         }
       } else {  // no d_grad wanted: the h1 rows only
         input_grad_gemm(wt1_ + D_, wtpair1_ ? wtpair1_ + D_ : nullptr, K1u_, int(round_up(H1_, kKR)), 4 * H1_,
-                        dz1_ + s, rows + D_, 0, H1_);
+                        dz1_, s, rows + D_, 0, H1_);
       }
       mark(kPhaseInputGrad1);
     }
