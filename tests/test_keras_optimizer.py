@@ -229,6 +229,61 @@ def test_fit_with_a_descent_phi_reduces_the_loss(jit_compile):
     assert all(b < a for a, b in zip(history, history[1:])), history
 
 
+def _bf16_kernels():
+    try:
+        from l2l_tf import _kernels
+        return fused.available() and _kernels.bf16_matmul_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("implementation", [
+    "reference",
+    pytest.param("fused", marks=pytest.mark.skipif(not _bf16_kernels(), reason="no AVX512_BF16 op library")),
+])
+def test_matmul_precision_bfloat16_steps_as_the_rule_in_bfloat16(implementation):
+    """matmul_precision="bfloat16": each step is the rule's step inside `ops.matmul_precision("bfloat16")` (the
+    reference's emulation; the fused kernels agree with it to float32 rounding, tests/test_bf16_matmul.py), which
+    differs from the float32 step by a bfloat16-sized amount."""
+    rule = LSTMUpdateRule(20, 20, "paper")
+    phi = random_phi(rule, 4)
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal((30, 40)).astype(np.float32)
+    grads = [(rng.standard_normal(w0.shape) * 10.0 ** rng.uniform(-5, 0, w0.shape)).astype(np.float32)
+             for _ in range(3)]
+    w16, w32 = keras.Variable(w0), keras.Variable(w0)
+    opt16 = LearnedOptimizer(phi=phi, rule=rule, implementation=implementation, matmul_precision="bfloat16")
+    opt32 = LearnedOptimizer(phi=phi, rule=rule, implementation=implementation)
+    state = rule.init_state([tf.constant(w0)])
+    expected = w0.astype(np.float64)
+    for g in grads:
+        opt16.apply([tf.constant(g)], [w16])
+        opt32.apply([tf.constant(g)], [w32])
+        with ops.matmul_precision("bfloat16"):
+            (update,), state = rule.step(tf.constant(phi), [tf.constant(g.ravel())], state,
+                                         implementation="reference")
+        expected = expected + update.numpy().reshape(w0.shape)
+    moved16, moved32 = w16.numpy() - w0, w32.numpy() - w0
+    relative = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert relative(moved16, expected - w0) < 2e-4
+    assert relative(opt16.state_slot(w16).numpy(), state.lstm[0].numpy()) < 2e-4
+    assert 1e-5 < relative(moved16, moved32) < 2e-2  # the rounding is there, and bfloat16-sized
+
+
+def test_matmul_precision_is_in_the_config_and_a_bfloat16_fit_learns():
+    rule, phi = sgd_like_phi()
+    opt = LearnedOptimizer(phi=phi, matmul_precision="bfloat16", **rule.get_config())
+    config = opt.get_config()
+    assert config["matmul_precision"] == "bfloat16"
+    with pytest.warns(UserWarning, match="φ is not part of the config"):
+        assert LearnedOptimizer.from_config(json.loads(json.dumps(config))).matmul_precision == "bfloat16"
+    x, y = regression_data()
+    model = dense_model()
+    model.compile(optimizer=opt, loss="mse")
+    history = model.fit(x, y, batch_size=len(x), epochs=15, shuffle=False, verbose=0).history["loss"]
+    assert history[-1] < 0.1 * history[0], history
+
+
 def test_jit_compile_fit_matches_default_fit():
     rule = small_rule()
     phi = random_phi(rule, 6)
@@ -638,6 +693,7 @@ def test_bad_phi_files(tmp_path, name, error, match):
     (dict(hidden1=0), ValueError, "hidden1 must be a positive int"),
     (dict(preprocess="log"), ValueError, "preprocess must be one of"),
     (dict(implementation="cuda"), ValueError, "implementation must be one of"),
+    (dict(matmul_precision="float16"), ValueError, "matmul_precision must be one of"),
     (dict(bogus=1), ValueError, "not recognized"),
 ])
 def test_bad_constructor_arguments(kwargs, error, match):
