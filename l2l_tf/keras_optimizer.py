@@ -170,7 +170,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
             such a step like any other, which writes NaN into the variables and the rule's state.
         matmul_precision: "float32" (default) or "bfloat16": the LSTM's gate GEMMs on bfloat16-rounded inputs with
             float32 sums (`ops.matmul_precision`). The fused CPU op runs them with AVX512_BF16 dot products, a
-            step ~25% faster at a million coordinates (README: Keras optimizer); the updates move by ~0.1-0.3% of
+            forward ~23% faster at a million coordinates (README: the step table); the updates move by ~0.1-0.3% of
             their size. The op built without AVX512_BF16, and the GPU op, raise; the pure-TF path (`reference`,
             or "auto" under XLA) emulates the rounding, which is slower than float32. A run-time choice, saved
             with the optimizer's config.
