@@ -210,7 +210,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
                                         preprocess_param=preprocess_param, output_scale=output_scale))
         rule.check_implementation(implementation)
         state_dtype = _standardize_state_dtype(state_dtype)
-        ops.check_matmul_precision(matmul_precision)
+        rule.check_matmul_precision(matmul_precision)
         phi_value, phi_metadata = self._resolve_phi(phi, rule, phi_seed)
         if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)  # Keras wants a Python float (1, np.float32(0.5) are fine too)

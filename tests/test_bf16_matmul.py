@@ -173,6 +173,28 @@ def test_bad_precision_is_named():
                                               preprocess="paper", matmul_precision="half")
 
 
+def test_bfloat16_needs_a_rule_with_lstm_gemms():
+    """A rule none of whose steps run the LSTM's GEMMs refuses "bfloat16" (it would be ignored); a Partitioned rule
+    takes it when one of its groups is an LSTM."""
+    from rules_for_tests import NormalizedMomentum
+    from l2l_tf import LearnedOptimizer
+    from l2l_tf.rules import Partitioned
+    family = QuadraticFamily(batch_size=2, num_dims=2)
+    momentum = NormalizedMomentum()
+    assert not momentum.has_lstm_gemms and RULE.has_lstm_gemms
+    mixed = Partitioned({"lstm": LSTMUpdateRule(4, 3, "none"), "other": momentum}, assign=[("lstm", "rank>=2")],
+                        default="other")
+    assert mixed.has_lstm_gemms
+    assert not Partitioned({"a": momentum, "b": NormalizedMomentum(0.5)}, assign=[("a", "rank>=2")],
+                           default="b").has_lstm_gemms
+    with pytest.raises(ValueError, match="matmul_precision='bfloat16'.*'test_normalized_momentum' rule has none"):
+        MetaTrainer(momentum, family, num_steps=2, unroll_length=2, matmul_precision="bfloat16")
+    with pytest.raises(ValueError, match="matmul_precision='bfloat16'.*has none"):
+        LearnedOptimizer(rule=momentum, matmul_precision="bfloat16")
+    MetaTrainer(momentum, family, num_steps=2, unroll_length=2)  # float32: fine
+    MetaTrainer(mixed, family, num_steps=2, unroll_length=2, matmul_precision="bfloat16")
+
+
 def test_precision_block_is_restored_and_read_when_the_step_is_built():
     assert ops.current_matmul_precision() == "float32"
     with ops.matmul_precision("bfloat16"):

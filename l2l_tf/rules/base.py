@@ -80,12 +80,14 @@ class UpdateRule(abc.ABC):
     coordinate's update depends only on its own gradient and state, no shared state) may be stepped on any subset
     of tensors or coordinates: the Keras optimizer then steps variables one by one and sparse gradients row by row.
     `supports_fused` says whether the fused op can run the rule; where it cannot, implementation="auto" runs the
-    pure-TF path and "fused" is an error.
+    pure-TF path and "fused" is an error. `has_lstm_gemms` says whether some of its steps run the LSTM's GEMMs, the
+    ones `ops.matmul_precision` sets the precision of (a "bfloat16" choice is an error for a rule without them).
     """
 
     name = None
     coordinatewise = True
     supports_fused = False
+    has_lstm_gemms = False
 
     @abc.abstractmethod
     def phi_shapes(self):
@@ -138,6 +140,14 @@ class UpdateRule(abc.ABC):
             raise ValueError(f"implementation='fused': the fused op cannot run the {self.name!r} rule; use "
                              "implementation='auto' (the pure-TF path) or 'reference'")
         return implementation
+
+    def check_matmul_precision(self, precision):
+        """Validates a `matmul_precision` for this rule: other than "float32" it needs the LSTM's GEMMs to apply to."""
+        ops.check_matmul_precision(precision)
+        if precision != "float32" and not self.has_lstm_gemms:
+            raise ValueError(f"matmul_precision={precision!r} sets the precision of the LSTM's GEMMs, and the "
+                             f"{self.name!r} rule has none; use 'float32'")
+        return precision
 
     def step_implementation(self, implementation):
         """What a step of this rule passes to the ops layer: "auto" runs the pure-TF path where the op can't run."""

@@ -38,6 +38,7 @@ class LSTMUpdateRule(UpdateRule):
 
     coordinatewise = True
     supports_fused = True
+    has_lstm_gemms = True
 
     def __post_init__(self):
         object.__setattr__(self, "preprocess_param", Preprocessing(self.preprocess, self.preprocess_param).param)

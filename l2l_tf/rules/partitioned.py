@@ -80,6 +80,10 @@ class Partitioned(UpdateRule):
     def supports_fused(self):
         return all(rule.supports_fused for rule in self.rules.values())
 
+    @property
+    def has_lstm_gemms(self):
+        return any(rule.has_lstm_gemms for rule in self.rules.values())
+
     def group_of(self, spec):
         """The group of one ParamSpec."""
         return next((group for group, match in self._matchers if match(spec)), self.default)

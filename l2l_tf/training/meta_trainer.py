@@ -103,7 +103,7 @@ class MetaTrainer:
         if activation_memory < 0:
             raise ValueError(f"activation_memory must be >= 0 bytes, got {activation_memory}")
         self.activation_memory = int(activation_memory)
-        self.matmul_precision = ops.check_matmul_precision(matmul_precision)
+        self.matmul_precision = rule.check_matmul_precision(matmul_precision)
         self.learning_rate, self.clip_norm = learning_rate, clip_norm
         self.run_config = {} if run_config is None else dict(run_config)
         initial = rule.init_phi(seed) if phi is None else rule.as_phi_tree(phi)
