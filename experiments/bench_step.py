@@ -336,7 +336,8 @@ def fit_benchmark():
     for kind in kinds:
         ms = statistics.median(per_round[kind])
         name = "Adam" if kind == "adam" else "LearnedOptimizer"
-        implementation = "-" if kind == "adam" else (f"{kind} → {resolved[kind]}" if kind.startswith("auto") else kind)
+        implementation = ("-" if kind == "adam" else f"{kind} → {resolved[kind]}" if kind.startswith("auto")
+                          else kind)
         print(f"| {name} | {implementation} | {ms:.3f} | {ms / adam:.2f}× |")
     if bare_ms is not None:
         print(f"| LSTM forward kernel alone (pybind11, {os.cpu_count()} threads; no model, no TF) | C++ | "

@@ -324,7 +324,8 @@ def test_smoke_config_end_to_end_then_resumes(tmp_path):
 def test_fit_benchmark_runs_on_the_cifar_convnet():
     """`bench_step.py --benchmark=fit --fit_model=cifar` (tiny: what is checked is that it runs and reports)."""
     result = run([os.path.join(ROOT, "experiments", "bench_step.py"), "--benchmark=fit", "--fit_model=cifar",
-                  "--fit_steps=3", "--fit_rounds=1", "--fit_implementations=reference,reference_bf16", "--fit_batch_size=16"],
+                  "--fit_steps=3", "--fit_rounds=1", "--fit_implementations=reference,reference_bf16",
+                  "--fit_batch_size=16"],
                  timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CIFAR convnet" in result.stdout and "| LearnedOptimizer | reference |" in result.stdout
