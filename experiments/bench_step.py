@@ -562,7 +562,7 @@ def meta_benchmark():
                 continue
             options = {"fused_recompute": {"activation_memory": 0},
                        "fused_bf16": {"matmul_precision": "bfloat16"}}.get(implementation, {})
-            if implementation == "fused_bf16" and not _bf16_supported():
+            if implementation == "fused_bf16" and not ops.fused_bf16_available():
                 print("skipping fused_bf16: the op library was built without AVX512_BF16")
                 continue
             trainers[implementation] = MetaTrainer(rule, family, num_steps=steps, unroll_length=20,
@@ -621,7 +621,7 @@ def phases_benchmark():
         meta = ticks(saved_activations=True, input_gradient=False)
         # The same with bfloat16 GEMM inputs (MetaTrainer(matmul_precision="bfloat16")), where the build has them.
         bf16 = (ticks(saved_activations=True, input_gradient=False, matmul_precision="bfloat16")
-                if _bf16_supported() else None)
+                if _kernels.bf16_matmul_available() else None)
         per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
         print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
               f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "
@@ -650,12 +650,6 @@ def phases_benchmark():
               + (f"{sum(bf16['forward']) / n:.1f} | {sum(bf16['backward']) / n:.1f} (fwd + bwd "
                  f"{(sum(bf16['forward']) + sum(bf16['backward'])) / n / (fwd_s + bwd_m):.2f}× float32) |" if bf16 else
                  "- | - |"))
-
-
-def _bf16_supported():
-    """True when the op library's CPU kernels have the bfloat16 GEMMs (built with AVX512_BF16)."""
-    from l2l_tf import _kernels
-    return _kernels.bf16_matmul_available()
 
 
 def _write_json(path, records):
@@ -698,7 +692,7 @@ def main(argv):
                 if impl.startswith("fused") and not ops.fused_available():
                     print(f"skipping fused: {ops.fused_load_error()}", flush=True)
                     continue
-                if impl.startswith("fused") and impl.endswith("_bf16") and not _bf16_supported():
+                if impl.startswith("fused") and impl.endswith("_bf16") and not ops.fused_bf16_available():
                     print(f"skipping {impl}: the op library was built without AVX512_BF16", flush=True)
                     continue
                 ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), (phi, grad, state, scale), FLAGS.warmup,

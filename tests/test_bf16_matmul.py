@@ -21,14 +21,7 @@ def _kernels():
     return _kernels
 
 
-def bf16_available():
-    try:
-        return _kernels().bf16_matmul_available()
-    except ImportError:
-        return False
-
-
-needs_bf16 = pytest.mark.skipif(not (ops.fused_available() and bf16_available()),
+needs_bf16 = pytest.mark.skipif(not ops.fused_bf16_available(),
                                 reason="the op library lacks AVX512_BF16 (or did not load)")
 
 

@@ -229,17 +229,10 @@ def test_fit_with_a_descent_phi_reduces_the_loss(jit_compile):
     assert all(b < a for a, b in zip(history, history[1:])), history
 
 
-def _bf16_kernels():
-    try:
-        from l2l_tf import _kernels
-        return fused.available() and _kernels.bf16_matmul_available()
-    except ImportError:
-        return False
-
-
 @pytest.mark.parametrize("implementation", [
     "reference",
-    pytest.param("fused", marks=pytest.mark.skipif(not _bf16_kernels(), reason="no AVX512_BF16 op library")),
+    pytest.param("fused", marks=pytest.mark.skipif(not ops.fused_bf16_available(),
+                                                   reason="no AVX512_BF16 op library")),
 ])
 def test_matmul_precision_bfloat16_steps_as_the_rule_in_bfloat16(implementation):
     """matmul_precision="bfloat16": each step is the rule's step inside `ops.matmul_precision("bfloat16")` (the

@@ -21,7 +21,7 @@ import threading
 
 import tensorflow as tf
 
-from l2l_tf.ops import fused, layout, reference
+from l2l_tf.ops import fused, layout, library, reference
 from l2l_tf.ops.config import (DEFAULT_PREPROCESS_PARAM, PREPROCESS_MODES, PREPROCESS_PARAM_RANGE, StepConfig,
                                validate_step_inputs)
 
@@ -31,6 +31,20 @@ IMPLEMENTATIONS = ("auto", "fused", "reference")
 def fused_available():
     """True when the compiled op library loaded."""
     return fused.available()
+
+
+def fused_bf16_available():
+    """True when the op library loaded and its CPU kernels have the bfloat16 GEMMs (built with AVX512_BF16), so that
+    fused steps run inside `matmul_precision("bfloat16")`. Asked of the pybind11 module, which setup.py and Bazel
+    build from the same kernels with the same flags."""
+    if not fused.available():
+        return False
+    try:
+        return bool(library.load_kernels().bf16_matmul_available())
+    except library.OpsDirError:  # L2L_TF_OPS_DIR names a directory without it: an error, as for the op library
+        raise
+    except ImportError:
+        return False
 
 
 def fused_load_error():
@@ -197,6 +211,5 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
            "lstm_step", "lstm_steps", "saving_activations", "matmul_precision", "current_matmul_precision",
            "check_matmul_precision", "MATMUL_PRECISIONS", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
-           "validate_step_inputs",
-           "fused_available", "fused_load_error", "inside_xla_compilation", "check_implementation",
-           "resolve_implementation", "layout"]
+           "validate_step_inputs", "fused_available", "fused_bf16_available", "fused_load_error",
+           "inside_xla_compilation", "check_implementation", "resolve_implementation", "layout"]
