@@ -20,10 +20,11 @@
 //     y capped at 115, f = y - floor(y) by vreduce, 2^f by a degree-5 polynomial on [0, 1), scaled by scalef;
 //     9 operations. Elsewhere: Cephes-style range reduction (n = round(-x / ln 2), two-part ln 2) + degree-5
 //     minimax polynomial, x clamped to [-80, 80] (sigmoid then is within 2e-35 of the exact value outside);
-//   sigmoid(x) = 1 / (1 + exp(-x));
+//   sigmoid(x) = 1 / (1 + exp(-x)), exactly 0 for x < -80 (where the exact value is below 1.9e-35);
 //   tanh: the [9/8] odd/even rational minimax approximation also used by Eigen (so by TensorFlow's own CPU
 //     tanh), clamped where it evaluates to +-1;
-//   in the forward pass sigmoid(a) * tanh(b) is formed as p_b / ((1 + exp(-a)) q_b): one reciprocal, not two;
+//   in the forward pass sigmoid(a) * tanh(b) is formed as p_b / ((1 + exp(-a)) q_b): one reciprocal, not two
+//     (also exactly 0 for a < -80);
 //   log (preprocessing only, once per coordinate): the FreeBSD/musl logf reduction and polynomial, with
 //     subnormal inputs rescaled first.
 // Reciprocals use rcp14 + one Newton step (~1 ulp) on AVX-512, a division elsewhere.
@@ -269,7 +270,24 @@ L2L_INLINE vf exp_neg(vf x) {
 }
 #endif
 
-L2L_INLINE vf sigmoid(vf x) { return rcp(splat(1.0f) + exp_neg(x)); }
+// 1 / d, or exactly 0 where x < -80 (NaN x kept): the reciprocals of sigmoid(x) and of sigmoid(x) * tanh(b),
+// whose exact values are below 1.9e-35 (times |tanh| <= 1) there. Without the flush exp_neg's cap (or clamp) near
+// -80 would leave ~2e-35 for any x below, and the backward's d_phi multiplies sigmoid' by the layer's input: with
+// the raw gradient as input (preprocess "none") at |g| near FLT_MAX that made a gate's d_phi column ~1e4 where the
+// exact one (and TF's, and the GPU kernel's) is 0.
+constexpr float kSigmoidZeroBelow = -80.0f;
+L2L_INLINE vf rcp_unless_below(vf x, vf d) {
+#if defined(__AVX512F__)
+  // The flush rides on the Newton step's FMA (zero-masked): one compare more than rcp().
+  const __mmask16 live = _mm512_cmp_ps_mask(x, splat(kSigmoidZeroBelow), _CMP_NLT_UQ);  // x >= -80, or NaN
+  const vf r = _mm512_rcp14_ps(d);
+  return _mm512_maskz_fmadd_ps(live, r, vfma(-d, r, splat(1.0f)), r);
+#else
+  return x < splat(kSigmoidZeroBelow) ? splat(0.0f) : rcp(d);  // NaN compares false: kept
+#endif
+}
+
+L2L_INLINE vf sigmoid(vf x) { return rcp_unless_below(x, splat(1.0f) + exp_neg(x)); }
 
 // tanh(x) = p / q: rational minimax approximation (numerator odd degree 9, denominator even degree 8),
 // coefficients from Eigen's ptanh_float (rminimax), so the same as TensorFlow's own CPU tanh; the clamp is
@@ -298,7 +316,7 @@ L2L_INLINE vf tanh_(vf x) {
 L2L_INLINE vf sigmoid_times_tanh(vf a, vf b) {
   vf p, q;
   tanh_pq(b, &p, &q);
-  return p * rcp((splat(1.0f) + exp_neg(a)) * q);
+  return p * rcp_unless_below(a, (splat(1.0f) + exp_neg(a)) * q);
 }
 
 // Natural log for x >= 0 (or NaN); log(0) = -inf, log(inf) = inf.
