@@ -53,7 +53,8 @@ struct StepConfig {
   int32_t hidden2 = 20;
   Preprocess preprocess = Preprocess::kNone;
   float preprocess_param = 10.0f;  // p for kPaper, k for kClamped; unused for kNone
-  // The three GEMMs (gates, input gradient, weight gradient) take their inputs rounded to bfloat16 and accumulate
+  // The three GEMMs (gates, input gradient, weight gradient) take their inputs rounded to bfloat16 (the raw gradient
+  // of kNone saturated at the largest finite bfloat16, 3.39e38, so that +-inf never enters a GEMM) and accumulate
   // in float32 (vdpbf16ps: twice the float32 FMA rate). CPU kernels built with AVX512_BF16 only; the
   // pointwise math stays float32. Off by default: results then differ from float32 by ~0.1-0.3% (README).
   bool bf16_matmul = false;

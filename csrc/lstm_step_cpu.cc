@@ -276,6 +276,7 @@ L2L_INLINE vf exp_neg(vf x) {
 // the raw gradient as input (preprocess "none") at |g| near FLT_MAX that made a gate's d_phi column ~1e4 where the
 // exact one (and TF's, and the GPU kernel's) is 0.
 constexpr float kSigmoidZeroBelow = -80.0f;
+constexpr float kBf16Max = 3.38953139e38f;  // largest finite bfloat16, 0x7f7f0000 as float32
 L2L_INLINE vf rcp_unless_below(vf x, vf d) {
 #if defined(__AVX512F__)
   // The flush rides on the Newton step's FMA (zero-masked): one compare more than rcp().
@@ -1133,9 +1134,14 @@ class Kernel {
   // then h1) and u2_ (layer 2: h1', which the forward writes to in2_, then h2). The h rows are the state's own where
   // they are aligned rows (the GEMMs' aligned loads; no copy), else copies in in1_ / in2_.
   void stage_inputs(const float* __restrict g, const float* st, int64_t lds, int cols) {
+    // bfloat16 GEMMs: the raw gradient ("none") saturates at bfloat16's largest finite value; rounded to nearest,
+    // |g| above it (+-FLT_MAX, as +-inf acts) would become +-inf and make 0 * inf = NaN in d_phi. The reference
+    // saturates its GEMM inputs alike. The other features and the h rows are bounded by 1 (NaN propagates).
+    const bool saturate = bf16_ && D_ == 1;
     for (int col = 0; col < cols; col += kW) {
       vf f0, f1;
       preprocess(loadu(g + col), &f0, &f1);
+      if (saturate) f0 = vmax(splat(-kBf16Max), vmin(splat(kBf16Max), f0));
       store(in1_ + col, f0);
       if (D_ == 2) store(in1_ + kLd + col, f1);
     }

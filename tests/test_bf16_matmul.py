@@ -130,6 +130,39 @@ def test_fused_bfloat16_matches_the_reference_for_other_sizes(hidden):
         assert relative(fused16[name], ref16[name]) < 2e-4, name
 
 
+@pytest.mark.parametrize("implementation", ["reference", "fused"])
+def test_raw_gradients_at_infinity_saturate_at_the_largest_bfloat16(implementation):
+    """preprocess="none" feeds the raw gradient to the gates: ±inf (as ±FLT_MAX) and ±FLT_MAX round to ±inf in
+    bfloat16, and 0 * inf made d_phi NaN. The GEMM input saturates at ±max bfloat16 instead: every output and gradient
+    is finite, and the same as with ±max bfloat16 given directly."""
+    if implementation == "fused" and not ops.fused_bf16_available():
+        pytest.skip("the op library lacks AVX512_BF16 (or did not load)")
+    rule = LSTMUpdateRule(20, 20, "none")
+    config = rule.step_config
+    phi = rule.init_phi(4)
+    n = 300
+    grad, state = inputs(n, seed=9, config=config)
+    flt_max, bf16_max = float(np.finfo(np.float32).max), float(round_bf16(np.float32(3.3895314e38)))
+    extreme = grad.numpy().copy()
+    extreme[[3, 4, 290]] = [np.inf, -flt_max, flt_max]
+    saturated = extreme.copy()
+    saturated[[3, 4, 290]] = [bf16_max, -bf16_max, bf16_max]
+    got = step_and_gradients(implementation, "bfloat16", phi, tf.constant(extreme), state, n, config)
+    same = step_and_gradients(implementation, "bfloat16", phi, tf.constant(saturated), state, n, config)
+    for name, value in got.items():
+        value = value.numpy()
+        assert np.isfinite(value).all(), name
+        if name == "d_grad":  # 0 at ±inf (the clamp is flat there), the derivative 1 · upstream elsewhere
+            value, other = np.delete(value, 3), np.delete(same[name].numpy(), 3)
+        else:
+            other = same[name].numpy()
+        np.testing.assert_array_equal(value, other, err_msg=name)
+    if implementation == "fused":
+        reference = step_and_gradients("reference", "bfloat16", phi, tf.constant(extreme), state, n, config)
+        for name in got:
+            assert relative(got[name], reference[name]) < 2e-4, name
+
+
 @needs_bf16
 def test_saved_activations_give_the_recomputed_backward_bit_for_bit():
     kernels = _kernels()

@@ -148,7 +148,8 @@ def check_matmul_precision(precision):
 @contextlib.contextmanager
 def matmul_precision(precision):
     """LSTM steps built inside run their three GEMMs (gates, input gradient, weight gradient) in `precision`:
-    "float32" (the default everywhere) or "bfloat16": inputs rounded to bfloat16 (round to nearest even), products
+    "float32" (the default everywhere) or "bfloat16": inputs rounded to bfloat16 (round to nearest even; the raw
+    gradient of preprocess "none" saturated at the largest finite bfloat16 rather than rounded to ±inf), products
     summed in float32; the pointwise LSTM math stays float32. The fused CPU op runs it with AVX512_BF16 dot products
     (twice the float32 rate; an op built without them raises); the reference rounds the same GEMM inputs, also in
     its gradient, so the two agree to float32 rounding. Results move by ~0.1-0.3% of their size (README: precision).

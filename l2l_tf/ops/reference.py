@@ -50,6 +50,9 @@ def preprocess(grad, config: StepConfig):
     return tf.stack([log_feature, sign_feature])
 
 
+_BFLOAT16_MAX = 3.3895314e38  # largest finite bfloat16
+
+
 def _round_to_bfloat16(x):
     return tf.cast(tf.cast(x, tf.bfloat16), tf.float32)  # round to nearest even
 
@@ -58,7 +61,9 @@ def _round_to_bfloat16(x):
 def _bfloat16_matmul(w, x):
     """w @ x on bfloat16-rounded inputs with float32 sums, and likewise in the gradient (its GEMMs round the
     upstream gradient and the other input): what the fused kernels' bfloat16 GEMMs compute."""
-    w16, x16 = _round_to_bfloat16(w), _round_to_bfloat16(x)
+    # The inputs saturate at bfloat16's largest finite value, as the fused kernels stage them: rounded to nearest, a
+    # raw gradient ("none") of ±FLT_MAX (as ±inf acts) would become ±inf and make 0 * inf = NaN in d_phi.
+    w16, x16 = _round_to_bfloat16(w), _round_to_bfloat16(tf.clip_by_value(x, -_BFLOAT16_MAX, _BFLOAT16_MAX))
 
     def grad(dz):
         dz16 = _round_to_bfloat16(dz)
