@@ -276,7 +276,6 @@ L2L_INLINE vf exp_neg(vf x) {
 // the raw gradient as input (preprocess "none") at |g| near FLT_MAX that made a gate's d_phi column ~1e4 where the
 // exact one (and TF's, and the GPU kernel's) is 0.
 constexpr float kSigmoidZeroBelow = -80.0f;
-constexpr float kBf16Max = 3.38953139e38f;  // largest finite bfloat16, 0x7f7f0000 as float32
 L2L_INLINE vf rcp_unless_below(vf x, vf d) {
 #if defined(__AVX512F__)
   // The flush rides on the Newton step's FMA (zero-masked): one compare more than rcp().
@@ -846,6 +845,7 @@ class Kernel {
   // ---- bfloat16 GEMMs (cfg_.bf16_matmul). vdpbf16ps adds to each float32 lane the products of a pair of bf16
   // values: the pairs run along the reduction (k for the gates, gates for the input gradient, two adjacent
   // coordinates for the weight gradient), so the inputs are converted (round to nearest even) into pair order.
+  static constexpr float kBf16Max = 3.38953139e38f;  // largest finite bfloat16 (0x7f7f0000): see stage_inputs
   static uint32_t bf16_bits(float f) {  // round to nearest even (finite f; NaN stays NaN: its top bits are kept)
     uint32_t u;
     std::memcpy(&u, &f, sizeof(u));
