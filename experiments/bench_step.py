@@ -599,6 +599,16 @@ def meta_benchmark():
 GEMM_PHASES = {"gates1": "l1", "gates2": "l2", "input_grad2": "l2", "input_grad1": "l1"}
 
 
+def _aligned_like_tf(array):
+    """A copy of `array` at a 64-byte aligned address, as TensorFlow allocates its tensors: the kernels then read the
+    state's rows in place, as in the op (numpy's 16-byte alignment would time the staging copies of unaligned rows)."""
+    buffer = np.empty(array.size + 16, array.dtype)
+    start = (-buffer.ctypes.data % 64) // array.itemsize
+    out = buffer[start:start + array.size].reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def phases_benchmark():
     """Kernel ticks per coordinate by phase (one thread), and the GEMM phases' share of one core's peak."""
     from l2l_tf import _kernels
@@ -609,10 +619,10 @@ def phases_benchmark():
     macs = {"l1": 4 * cfg.hidden1 * (cfg.input_size + cfg.hidden1), "l2": 4 * cfg.hidden2 * (cfg.hidden1 + cfg.hidden2)}
     for n in (int(float(x)) for x in FLAGS.sizes):
         phi = (rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32)
-        grad = (rng.standard_normal(n) * 1e-3).astype(np.float32)
-        state = (rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32)
-        d_update = rng.standard_normal(n).astype(np.float32)
-        d_state = rng.standard_normal((cfg.state_rows, n)).astype(np.float32)
+        grad = _aligned_like_tf((rng.standard_normal(n) * 1e-3).astype(np.float32))
+        state = _aligned_like_tf((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32))
+        d_update = _aligned_like_tf(rng.standard_normal(n).astype(np.float32))
+        d_state = _aligned_like_tf(rng.standard_normal((cfg.state_rows, n)).astype(np.float32))
         ticks = functools.partial(_kernels.phase_ticks_cpu, phi, grad, state, 0.1, d_update, d_state, cfg.hidden1,
                                   cfg.hidden2, cfg.preprocess, cfg.preprocess_param, repeats=FLAGS.repeats)
         out = ticks()
