@@ -125,11 +125,12 @@ struct Slice {
   int64_t begin, end;
 };
 
-// Splits the coordinates of tensors of sizes n[0..count) into shards for `threads` threads: whole 256-coordinate
-// chunks (a tensor's last chunk may be partial), consecutive in tensor order, balanced by their cost (a chunk's
-// columns rounded up to the 64-coordinate sub-block the kernels compute). The shard count is a multiple of
-// `threads` (a few shards per thread when there is enough work, so that a thread slowed by other work does not
-// hold the others up), at most one shard per chunk. Deterministic: the same sizes and threads give the same shards.
+// Splits the coordinates of tensors of sizes n[0..count) into shards for `threads` threads that take them in order:
+// whole 256-coordinate chunks (a tensor's last chunk may be partial), consecutive in tensor order, costed by their
+// columns rounded up to the 64-coordinate sub-block the kernels compute. Guided self-scheduling: each shard has about
+// 1/threads of the cost left after the shards before it (at least two full chunks), so shards shrink towards the end
+// and threads that take the next one whenever they are free finish together, whichever thread starts late or runs
+// slow. One thread: one shard. Deterministic: the same sizes and threads give the same shards.
 std::vector<std::vector<Slice>> plan_shards(const int64_t* n, int count, int threads);
 
 // One shard of a multi-tensor step: each slice in order, with the weights packed once. The backward accumulates

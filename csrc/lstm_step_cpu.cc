@@ -1626,36 +1626,32 @@ std::vector<std::vector<Slice>> plan_shards(const int64_t* n, int count, int thr
     int64_t begin, end, cost;
   };
   std::vector<Chunk> chunks;
-  int64_t total = 0;
+  int64_t remaining = 0;
   for (int t = 0; t < count; ++t) {
     for (int64_t b = 0; b < n[t]; b += kChunk) {
       const int64_t e = std::min<int64_t>(n[t], b + kChunk);
-      const int64_t cost = (e - b + kSub - 1) / kSub;
-      chunks.push_back(Chunk{t, b, e, cost});
-      total += cost;
+      chunks.push_back(Chunk{t, b, e, (e - b + kSub - 1) / kSub});
+      remaining += chunks.back().cost;
     }
   }
+  // Guided self-scheduling: each shard takes 1/threads of the cost not yet planned, but at least two full chunks (a
+  // shard's fixed cost, packing the weights and reducing its d_phi, then stays small), and a remainder below that
+  // joins the shard before it. Threads taking the shards in order start on large ones and end on small ones together.
+  constexpr int64_t kMinShardCost = 2 * (kChunk / kSub);
   std::vector<std::vector<Slice>> shards;
-  if (chunks.empty()) return shards;
-  // Up to 4 shards per thread, each of at least ~8 full chunks (a shard's fixed cost, packing the weights and
-  // reducing its d_phi, is then small); never more shards than chunks.
-  constexpr int64_t kMinShardCost = 8 * (kChunk / kSub);
-  int64_t per_thread = std::max<int64_t>(1, std::min<int64_t>(4, total / (kMinShardCost * threads)));
-  int64_t want = std::min<int64_t>(int64_t(threads) * per_thread, int64_t(chunks.size()));
-  if (want > threads) want -= want % threads;  // a multiple of the threads
-  shards.resize(size_t(want));
-  // Greedy by running cost: chunk c goes to shard floor(cost before its middle * shards / total).
-  int64_t before = 0;
-  for (const Chunk& c : chunks) {
-    const int64_t s = std::min<int64_t>(want - 1, (2 * before + c.cost) * want / (2 * total));
-    before += c.cost;
-    std::vector<Slice>& shard = shards[size_t(s)];
-    if (!shard.empty() && shard.back().tensor == c.tensor && shard.back().end == c.begin) shard.back().end = c.end;
-    else shard.push_back(Slice{c.tensor, c.begin, c.end});
+  for (size_t c = 0; c < chunks.size();) {
+    const int64_t want = std::max<int64_t>(kMinShardCost, remaining / threads);
+    std::vector<Slice> shard;
+    int64_t cost = 0;
+    while (c < chunks.size() && (cost < want || remaining - cost < kMinShardCost)) {
+      const Chunk& k = chunks[c++];
+      if (!shard.empty() && shard.back().tensor == k.tensor && shard.back().end == k.begin) shard.back().end = k.end;
+      else shard.push_back(Slice{k.tensor, k.begin, k.end});
+      cost += k.cost;
+    }
+    remaining -= cost;
+    shards.push_back(std::move(shard));
   }
-  // A shard can only be empty when chunks are fewer or much larger than shards: drop it.
-  shards.erase(std::remove_if(shards.begin(), shards.end(), [](const std::vector<Slice>& v) { return v.empty(); }),
-               shards.end());
   return shards;
 }
 

@@ -21,11 +21,12 @@
 // the same things first, with the messages the pure-TF reference gives. Non-finite gradients as in lstm_step.h:
 // +-inf act as +-FLT_MAX (d_grad 0 there), NaN propagates to the coordinate's update and state.
 //
-// CPU kernels: the work is split into shards of whole 256-coordinate chunks (l2l::plan_shards: a multiple of the
-// threads, balanced by chunk cost) run on TF's intra-op thread pool. The backward gives each shard its own d_phi
-// buffer and sums them in shard order, so the result is deterministic for a given thread-pool size. The forward reuses the state (and grad) buffers for its outputs
-// when TF lets it (the CPU kernel reads every element before writing it), so a state that is not needed
-// afterwards is updated in place; the backward likewise reuses d_new_state and d_update.
+// CPU kernels: the work is split into shards of whole 256-coordinate chunks (l2l::plan_shards: guided
+// self-scheduling, shards shrinking towards the end) that the threads of TF's intra-op pool take in order. The
+// backward gives each shard its own d_phi buffer and sums them in shard order, so the result is deterministic for a
+// given thread-pool size. The forward reuses the state (and grad) buffers for its outputs when TF lets it (the CPU
+// kernel reads every element before writing it), so a state that is not needed afterwards is updated in place; the
+// backward likewise reuses d_new_state and d_update.
 //
 // GPU kernels (compiled with -DGOOGLE_CUDA=1): call the entry points of lstm_step_cuda.h on the op's stream.
 // The forward uses the TF32 path when TensorFlow allows TF32 execution
@@ -36,6 +37,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -442,19 +448,40 @@ absl::Status PrepareBackward(OpKernelContext* ctx, const l2l::StepConfig& cfg, c
 }
 
 // ---- CPU
-// Runs fn(shard) for every shard on TF's intra-op pool.
+// Runs fn(0), ..., fn(shards - 1) on TF's intra-op pool: one task per pool thread (at most one per shard), each
+// taking the next shard in order from a shared counter, as plan_shards' guided sizes expect (ParallelFor splits its
+// range recursively, so its tasks would not take the shards in order). The calling thread waits; it also takes
+// shards when it is itself a pool thread, so that the op cannot wait on a pool whose threads are all waiting. A task
+// that starts after every shard was taken only touches the state it shares.
 template <class Fn>
 void RunShards(OpKernelContext* ctx, int shards, Fn fn) {
   if (shards == 1) {
     fn(0);
     return;
   }
-  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  // A cost per shard this large makes the pool run every shard as its own task.
-  const int64_t cost_per_shard = 1LL << 40;
-  workers->workers->ParallelFor(shards, cost_per_shard, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) fn(int(s));
-  });
+  struct Shared {
+    std::function<void(int)> fn;
+    int shards = 0;
+    std::atomic<int> next{0}, finished{0};
+    std::mutex mu;
+    std::condition_variable done;
+    void Drain() {
+      int ran = 0;
+      for (int s; (s = next.fetch_add(1)) < shards; ++ran) fn(s);
+      if (ran == 0) return;
+      std::lock_guard<std::mutex> lock(mu);
+      if (finished.fetch_add(ran) + ran == shards) done.notify_all();
+    }
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->fn = [&fn](int s) { fn(s); };
+  shared->shards = shards;
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const int tasks = std::min(shards, std::max(1, pool->NumThreads()));
+  for (int t = 0; t < tasks; ++t) pool->Schedule([shared] { shared->Drain(); });
+  if (pool->CurrentThreadId() >= 0) shared->Drain();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->done.wait(lock, [&] { return shared->finished.load() == shards; });
 }
 
 std::vector<std::vector<l2l::Slice>> PlanShards(OpKernelContext* ctx, const std::vector<l2l::TensorArgs>& tensors) {

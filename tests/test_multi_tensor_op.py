@@ -106,14 +106,24 @@ def test_multi_op_through_the_switch_in_a_function_and_its_errors():
             ops.lstm_steps(tree, grads[:2], bad, 0.1, cfg, implementation=implementation)
 
 
-def test_shard_plan_covers_every_coordinate_once_balanced_and_a_multiple_of_the_threads():
+def _finish_times(costs, threads):
+    """When each of `threads` equally fast threads is done, taking the shards in order whenever it is free."""
+    free = [0] * threads
+    for cost in costs:
+        t = free.index(min(free))
+        free[t] += cost
+    return free
+
+
+def test_shard_plan_covers_every_coordinate_once_in_order_and_threads_taking_them_in_order_finish_together():
     K = _kernels()
-    for sizes in ([15680, 20, 200, 10], [1], [10, 20], [256 * 62], [300, 0, 5000, 7], [256 * 40] * 3):
+    min_shard = 8  # two full chunks, in 64-coordinate sub-blocks
+    for sizes in ([15680, 20, 200, 10], [1], [10, 20], [256 * 62], [300, 0, 5000, 7], [256 * 40] * 3, [10 ** 6]):
         for threads in (1, 2, 3, 4):
             shards = K.plan_shards(sizes, threads)
             assert shards == K.plan_shards(sizes, threads)  # deterministic
             covered = {t: np.zeros(n, int) for t, n in enumerate(sizes)}
-            costs = []
+            costs, slices = [], []
             for shard in shards:
                 assert shard, "empty shard"
                 cost = 0
@@ -121,17 +131,28 @@ def test_shard_plan_covers_every_coordinate_once_balanced_and_a_multiple_of_the_
                     assert 0 <= b < e <= sizes[t] and b % 256 == 0
                     covered[t][b:e] += 1
                     cost += sum(-(-(min(c + 256, e) - c) // 64) for c in range(b, e, 256))
+                    slices.append((t, b, e))
                 costs.append(cost)
             for t, n in enumerate(sizes):
                 assert (covered[t] == 1).all(), (sizes, threads, t)
-            chunks = sum(-(-n // 256) for n in sizes)
-            if chunks >= threads:
-                assert len(shards) % threads == 0, (sizes, threads, len(shards))
-            else:
-                assert len(shards) == chunks
-            assert max(costs) - min(costs) <= 4, (sizes, threads, costs)  # within one chunk's cost
-    # The MNIST MLP on 2 threads: an even number of shards, a few per thread.
-    assert len(K.plan_shards([15680, 20, 200, 10], 2)) in (2, 4, 6, 8)
+            assert slices == sorted(slices), (sizes, threads)  # consecutive, in tensor order
+            total = sum(costs)
+            if threads == 1:
+                assert len(shards) == 1
+            # Each shard about 1/threads of what is left (at least two chunks; a smaller remainder joins the last).
+            left = total
+            for cost in costs[:-1]:
+                assert min_shard <= cost < max(min_shard, left // threads) + 4, (sizes, threads, costs)
+                left -= cost
+            assert costs[-1] < 2 * min_shard + 4 or len(costs) == 1, (sizes, threads, costs)
+            # Threads taking the shards in order end within the last shards' cost of each other.
+            finish = _finish_times(costs, threads)
+            if len(costs) >= threads:
+                assert max(finish) - min(finish) <= max(costs[-threads:]), (sizes, threads, costs, finish)
+    # The MNIST MLP on 2 threads: a few shards, largest first.
+    costs = [sum(-(-(min(c + 256, e) - c) // 64) for t, b, e in shard for c in range(b, e, 256))
+             for shard in K.plan_shards([15680, 20, 200, 10], 2)]
+    assert 3 <= len(costs) <= 8 and costs == sorted(costs, reverse=True), costs
 
 
 @pytest.mark.parametrize("n", [1, 10, 63, 64, 65, 200, 255, 257, 300])
