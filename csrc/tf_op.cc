@@ -462,26 +462,27 @@ void RunShards(OpKernelContext* ctx, int shards, Fn fn) {
   struct Shared {
     std::function<void(int)> fn;
     int shards = 0;
-    std::atomic<int> next{0}, finished{0};
+    std::atomic<int> next{0};
     std::mutex mu;
+    int finished = 0;  // guarded by mu
     std::condition_variable done;
     void Drain() {
       int ran = 0;
       for (int s; (s = next.fetch_add(1)) < shards; ++ran) fn(s);
       if (ran == 0) return;
       std::lock_guard<std::mutex> lock(mu);
-      if (finished.fetch_add(ran) + ran == shards) done.notify_all();
+      if ((finished += ran) == shards) done.notify_all();
     }
   };
   auto shared = std::make_shared<Shared>();
-  shared->fn = [&fn](int s) { fn(s); };
+  shared->fn = fn;  // fn's references outlive every shard: this call returns only when all have run
   shared->shards = shards;
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   const int tasks = std::min(shards, std::max(1, pool->NumThreads()));
   for (int t = 0; t < tasks; ++t) pool->Schedule([shared] { shared->Drain(); });
   if (pool->CurrentThreadId() >= 0) shared->Drain();
   std::unique_lock<std::mutex> lock(shared->mu);
-  shared->done.wait(lock, [&] { return shared->finished.load() == shards; });
+  shared->done.wait(lock, [&] { return shared->finished == shards; });
 }
 
 std::vector<std::vector<l2l::Slice>> PlanShards(OpKernelContext* ctx, const std::vector<l2l::TensorArgs>& tensors) {
