@@ -2,6 +2,7 @@
 each epoch once after a resume; a bad checkpoint is an error naming the file and what to do."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from tensorboard.backend.event_processing.plugin_event_accumulator import EventA
 
 from l2l_tf import LSTMUpdateRule, ops
 from l2l_tf.problems import QuadraticFamily
-from l2l_tf.training import MetaTrainer
+from l2l_tf.training import MetaTrainer, summaries
 from l2l_tf.training.checkpoints import CheckpointError
 
 RULE = LSTMUpdateRule(4, 3, "none", output_scale=0.1)
@@ -138,6 +139,17 @@ def test_tensorboard_holds_each_epoch_once_after_a_resume(tmp_path):
     np.testing.assert_allclose(rates, 1e-3)
     assert all(np.isfinite(float(tf.make_ndarray(e.tensor_proto))) and float(tf.make_ndarray(e.tensor_proto)) > 0
                for e in events.Tensors("meta_gradient_norm"))
+
+
+def test_the_restart_marker_loads_after_a_run_of_the_same_second(tmp_path):
+    """A run that ended within the second the next one starts in: its event file (host names sort after the marker's
+    "!") must still load before the marker, or TensorBoard would keep its steps next to the new run's."""
+    now = int(time.time())
+    earlier = tmp_path / f"events.out.tfevents.{now:010d}.zz-host.1.1.v2"
+    earlier.write_bytes(b"")
+    summaries.mark_restart(str(tmp_path), 1)
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and names[0] == earlier.name and "!restart" in names[1], names
 
 
 def test_restart_starts_fresh_and_tensorboard_forgets_the_old_run(tmp_path):

@@ -16,7 +16,13 @@ def mark_restart(logdir, step):
     as the session's start and, at every later one, drops the steps ≥ `step` logged before it, i.e. what an
     interrupted run wrote after its last checkpoint (`tf.summary` has no purge argument of its own)."""
     os.makedirs(logdir, exist_ok=True)
-    # Event files load in name order: "!" sorts before the host name of the next writer's file of this second.
+    # Event files load in name order, by the second they were made in, then "!" before the host name of the next
+    # writer's file of that second. So the marker must be of a later second than every file already there (an
+    # earlier run of this second would otherwise load after it, and its steps would not be dropped): wait for one.
+    latest = max((int(name.split(".")[3]) for name in os.listdir(logdir)
+                  if name.startswith("events.out.tfevents.") and name.split(".")[3].isdigit()), default=0)
+    while int(time.time()) <= latest:
+        time.sleep(latest + 1 - time.time())
     path = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}.!restart.{socket.gethostname()}"
                                 f".{os.getpid()}")
     events = [tf.compat.v1.Event(wall_time=time.time(), file_version="brain.Event:2"),
