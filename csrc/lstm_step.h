@@ -62,7 +62,7 @@ struct StepConfig {
   int32_t input_size() const { return preprocess == Preprocess::kNone ? 1 : 2; }
   int64_t state_rows() const { return 2 * (int64_t(hidden1) + hidden2); }
   // Rows of the saved activations (see lstm_step_forward_cpu).
-  int64_t activation_rows() const { return 5 * (int64_t(hidden1) + hidden2); }
+  int64_t activation_rows() const { return 4 * (int64_t(hidden1) + hidden2); }
   // Offsets into phi, in floats.
   int64_t w1_offset() const { return 0; }
   int64_t b1_offset() const { return w1_offset() + 4LL * hidden1 * (input_size() + hidden1); }
@@ -80,14 +80,16 @@ const char* validate_config(const StepConfig& cfg);
 // the caller splits the range across threads (the TF op with its thread pool, pybind11 with std::thread).
 // activations (optional, activation_rows() * n floats): the forward also writes the activations the backward needs,
 // so that a backward given them does not recompute them (a meta-training unroll keeps them between its forward and
-// backward passes: 800 bytes per coordinate and step at 20/20 units, against the forward's two gate GEMMs and
+// backward passes: 640 bytes per coordinate and step at 20/20 units, against the forward's two gate GEMMs and
 // pointwise math again). Layout, blocked so that the backward reads them front to back (rows n apart, like the
-// state, put a unit's 5 values 1.25 MB apart at n = 15,680 and made the backward wait on memory): per group of
+// state, put a unit's values 1.25 MB apart at n = 15,680 and made the backward wait on memory): per group of
 // kActivationGroup coordinates (the tensor's last group may be narrower: w = n - its first coordinate), a row-major
 // [activation_rows(), w] block at activations + activation_rows() * (the group's first coordinate). Rows: layer 1
-// unit by unit, 5 rows per unit (its i, f, g, o gates after their sigmoid / tanh, then tanh(c1')), then layer 2's
-// likewise: row 5 j + q for layer 1, 5 H1 + 5 j + q for layer 2. With activations the outputs are computed from them
-// one by one, and may differ from the fused forward's (sigmoid * tanh in one reciprocal) by an ulp or two.
+// unit by unit, 4 rows per unit (its i, f, g, o gates after their sigmoid / tanh), then layer 2's likewise: row
+// 4 j + q for layer 1, 4 H1 + 4 j + q for layer 2. tanh(c') is not saved: the backward recomputes it from the gates
+// and the state's c (c' = f c + i g, bit for bit as the forward formed it), one tanh for a fifth fewer bytes each
+// way. With activations the outputs are computed from them one by one, and may differ from the fused forward's
+// (sigmoid * tanh in one reciprocal) by an ulp or two.
 void lstm_step_forward_cpu(const StepConfig& cfg, const float* phi, const float* grad,
                            const float* state, float scale, int64_t n, int64_t begin, int64_t end,
                            float* update, float* new_state, float* activations = nullptr);

@@ -489,6 +489,9 @@ class Kernel {
     const int64_t o_us = take(kLd), o_nss = take(int64_t(S_) * kLd);
     // Activations staged or recomputed: the saved layout's rows (layer 1's, then layer 2's) at stride kLd.
     const int64_t o_act1 = take(cfg.activation_rows() * kLd);
+    // tanh(c1') of one chunk, H1 rows at stride kLd: not saved, so the backward recomputes it once for layer 1's
+    // weight-gradient input h1' and its cell backward.
+    const int64_t o_tc1 = backward_ ? take(int64_t(H1_) * kLd) : 0;
     // bfloat16 GEMMs: W as bf16 pairs along each GEMM's reduction (k for the gates, gates for the input gradient;
     // one uint32 per pair), and the converted inputs of one sub-block (gates, input gradient) or chunk (weight
     // gradient).
@@ -553,6 +556,7 @@ class Kernel {
     if (backward_) {
       wt1_ = m + o_wt1; wt2_ = m + o_wt2;
       if (!bf16) { dz1_ = m + o_dz1; dz2_ = m + o_dz2; }
+      tc1_ = m + o_tc1;
       dh1_ = m + o_dh1; dx_ = m + o_dx; dy_ = m + o_dy; junk_ = m + o_junk; zero_ = m + o_zero;
       for (int k = K1_; k < K1w_; ++k) u1_[size_t(k)] = zero_;
       for (int k = K2_; k < K2w_; ++k) u2_[size_t(k)] = zero_;
@@ -780,15 +784,21 @@ class Kernel {
     else storeu(p, v);
   }
 
-  // The 5 activations of one unit (rows st5 apart): to a kernel output (streaming when aligned) or to scratch.
-  L2L_INLINE void store_act5(float* a, int64_t st5, vf ig, vf fg, vf gg, vf og, vf tc, bool output) const {
-    const vf five[5] = {ig, fg, gg, og, tc};
-#pragma GCC unroll 5
-    for (int q = 0; q < 5; ++q) {
-      if (output && nt_act_) stream(a + q * st5, five[q]);
-      else if (output) storeu(a + q * st5, five[q]);
-      else store(a + q * st5, five[q]);
+  // The 4 gate activations of one unit (rows st4 apart): to a kernel output (streaming when aligned) or to scratch.
+  L2L_INLINE void store_act4(float* a, int64_t st4, vf ig, vf fg, vf gg, vf og, bool output) const {
+    const vf four[4] = {ig, fg, gg, og};
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      if (output && nt_act_) stream(a + q * st4, four[q]);
+      else if (output) storeu(a + q * st4, four[q]);
+      else store(a + q * st4, four[q]);
     }
+  }
+
+  // tanh(c') of a unit from its saved gates and c: c' = f c + i g and its tanh exactly as the forward computed them
+  // (bit for bit), so that tanh(c') need not be saved (a fifth of the activations' bytes, each way).
+  L2L_INLINE static vf tanh_cell(const float* a, int64_t lda, vf cold) {
+    return tanh_(vfma(loadu(a + lda), cold, loadu(a) * loadu(a + 2 * lda)));
   }
 
   // ---- preprocessing
@@ -1195,7 +1205,8 @@ class Kernel {
             vf tc = tanh_(cn);
             const vf h = og * tc;
             store(in2_ + int64_t(j) * kLd + off, h);
-            store_act5(as + 5LL * j * lda + v * kW, lda, ig, fg, gg, og, tc, kMode == kSave);
+            if (kMode == kRecompute) store(tc1_ + int64_t(j) * kLd + off, tc);
+            store_act4(as + 4LL * j * lda + v * kW, lda, ig, fg, gg, og, kMode == kSave);
             if (kMode == kSave) {
               store_out(ns + int64_t(j) * ldn + off, h);
               store_out(ns + (int64_t(H1_) + j) * ldn + off, cn);
@@ -1229,10 +1240,9 @@ class Kernel {
           if (kSep) {
             vf ig = sigmoid(zi), fg = sigmoid(zf), gg = tanh_(zg), og = sigmoid(zo);
             vf cn = vfma(fg, loadu(cold + v * kW), ig * gg);
-            vf tc = tanh_(cn);
-            store_act5(as + (5LL * H1_ + 5LL * j) * lda + v * kW, lda, ig, fg, gg, og, tc, kMode == kSave);
+            store_act4(as + (4LL * H1_ + 4LL * j) * lda + v * kW, lda, ig, fg, gg, og, kMode == kSave);
             if (kMode == kSave) {
-              const vf h = og * tc;
+              const vf h = og * tanh_(cn);
               store_out(ns + (2 * int64_t(H1_) + j) * ldn + off, h);
               store_out(ns + (2 * int64_t(H1_) + H2_ + j) * ldn + off, cn);
               ua[v] = vfma(wo, h, ua[v]);
@@ -1254,12 +1264,13 @@ class Kernel {
     }
   }
 
-  // Backward of the pointwise LSTM math of unit j of one layer, one vector: its 5 activations (at a, lda apart), dh
+  // Backward of the pointwise LSTM math of unit j of one layer, one vector: its 4 gate activations (at a, lda apart)
+  // and tanh(c'), dh
   // (into h'), the upstream dc', c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums
   // of the 4 gates).
-  L2L_INLINE void cell_backward(const float* a, int64_t lda, int H, int j, int off, int v, vf dh, vf dc_in, vf cold,
-                                float* dz, uint16_t* dz16, float* dcold_out, vf (&sb)[4]) {
-    vf ig = loadu(a), fg = loadu(a + lda), gg = loadu(a + 2 * lda), og = loadu(a + 3 * lda), tc = loadu(a + 4 * lda);
+  L2L_INLINE void cell_backward(const float* a, int64_t lda, vf tc, int H, int j, int off, int v, vf dh, vf dc_in,
+                                vf cold, float* dz, uint16_t* dz16, float* dcold_out, vf (&sb)[4]) {
+    vf ig = loadu(a), fg = loadu(a + lda), gg = loadu(a + 2 * lda), og = loadu(a + 3 * lda);
     const vf one = splat(1.0f);
     vf dc = vfma(dh * og, one - tc * tc, dc_in);
     vf dzo = dh * tc * og * (one - og);
@@ -1400,14 +1411,20 @@ class Kernel {
                  float* dg, float* ds, int64_t ldd, int cols = kChunk, ActView av = {}) {
     if (av.p) {
       stage_inputs(g, st, lds, cols);
-      // h1' = o1 * tanh(c1'), as the forward computed it (the input of layer 2's weight gradient).
+      // tanh(c1') and h1' = o1 * tanh(c1'), as the forward computed them (h1': the input of layer 2's weight
+      // gradient).
       for (int s = 0; s < cols; s += kSub) {
         const float* as = av.at(s);
         for (int j = 0; j < H1_; ++j) {
-          const float* og = as + (5LL * j + 3) * av.lda;
+          const float* a = as + 4LL * j * av.lda;
+          const float* cold = st + (H1_ + int64_t(j)) * lds + s;
 #pragma GCC unroll 4
-          for (int v = 0; v < kNV; ++v)
-            store(in2_ + int64_t(j) * kLd + s + v * kW, loadu(og + v * kW) * loadu(og + av.lda + v * kW));
+          for (int v = 0; v < kNV; ++v) {
+            const int64_t at = int64_t(j) * kLd + s + v * kW;
+            const vf tc = tanh_cell(a + v * kW, av.lda, loadu(cold + v * kW));
+            store(tc1_ + at, tc);
+            store(in2_ + at, loadu(a + 3 * av.lda + v * kW) * tc);
+          }
         }
       }
     } else {
@@ -1442,12 +1459,13 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           const vf dyv = load(dy_ + off);
-          const float* a = as + (5 * H1 + 5LL * j) * lda + v * kW;
-          dwo = vfma(dyv, loadu(a + 3 * lda) * loadu(a + 4 * lda), dwo);
+          const float* a = as + (4 * H1 + 4LL * j) * lda + v * kW;
+          const vf cold = loadu(st + (2 * H1 + H2 + j) * lds + off);
+          const vf tc = tanh_cell(a, lda, cold);
+          dwo = vfma(dyv, loadu(a + 3 * lda) * tc, dwo);
           vf dh = vfma(dyv, wo, loadu(dns + (2 * H1 + j) * lddn + off));
-          cell_backward(a, lda, H2_, j, off, v, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off),
-                        loadu(st + (2 * H1 + H2 + j) * lds + off), dz2_, dz16_2_, ds + (2 * H1 + H2 + j) * ldd + off,
-                        sb);
+          cell_backward(a, lda, tc, H2_, j, off, v, dh, loadu(dns + (2 * H1 + H2 + j) * lddn + off), cold, dz2_,
+                        dz16_2_, ds + (2 * H1 + H2 + j) * ldd + off, sb);
         }
         store(lwo_ + int64_t(j) * kW, dwo);
         add_bias_lanes(lb2_, H2_, j, sb);
@@ -1470,8 +1488,9 @@ class Kernel {
         for (int v = 0; v < kNV; ++v) {
           const int off = s + v * kW;
           vf dh = load(dh1_ + int64_t(j) * kLd + off) + loadu(dns + int64_t(j) * lddn + off);
-          cell_backward(as + 5LL * j * lda + v * kW, lda, H1_, j, off, v, dh, loadu(dns + (H1 + j) * lddn + off),
-                        loadu(st + (H1 + j) * lds + off), dz1_, dz16_1_, ds + (H1 + j) * ldd + off, sb);
+          cell_backward(as + 4LL * j * lda + v * kW, lda, load(tc1_ + int64_t(j) * kLd + off), H1_, j, off, v, dh,
+                        loadu(dns + (H1 + j) * lddn + off), loadu(st + (H1 + j) * lds + off), dz1_, dz16_1_,
+                        ds + (H1 + j) * ldd + off, sb);
         }
         add_bias_lanes(lb1_, H1_, j, sb);
       }
@@ -1532,6 +1551,7 @@ class Kernel {
   int K1w_, K2w_, K1u_, K2u_;
   float *wp1_, *bp1_, *wp2_, *bp2_, *in1_, *in2_, *gbuf_, *gs_, *sts_, *us_, *nss_;
   float *wt1_ = nullptr, *wt2_ = nullptr, *act1_ = nullptr, *dz1_ = nullptr, *dz2_ = nullptr;
+  float *tc1_ = nullptr;  // tanh(c1') of the chunk (backward)
   float *dh1_ = nullptr, *dx_ = nullptr, *dy_ = nullptr, *junk_ = nullptr, *zero_ = nullptr;
   float *lw1_ = nullptr, *lw2_ = nullptr, *lb1_ = nullptr, *lb2_ = nullptr, *lwo_ = nullptr, *lbo_ = nullptr;
   std::vector<float*> urow1_, urow2_, rows_;

@@ -71,7 +71,7 @@ class StepConfig:
     @property
     def activation_rows(self):
         """Rows per coordinate of the activations the fused forward can save for its backward (csrc/lstm_step.h)."""
-        return 5 * (self.hidden1 + self.hidden2)
+        return 4 * (self.hidden1 + self.hidden2)
 
     @property
     def phi_shapes(self):
