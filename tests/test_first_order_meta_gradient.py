@@ -218,3 +218,49 @@ def test_meta_trainer_builds_the_fused_gradient_without_input_gradients():
                                          tf.constant(0)).graph
         found = [_input_gradients_attr(op) for op in _multi_grad_ops(graph)]
         assert found and all(a == second for a in found), (second, found)
+
+
+def test_the_unroll_steps_share_one_flat_phi():
+    """The meta-trainer's unroll builds the fused kernels' flat φ once, not once per step: its gradient is then one
+    AddN of the steps' d_φ, summed in a fixed order. (Per step, each leaf's gradient was an AddN of slices of every
+    step's d_φ, which AddN summed in an order that depended on buffer reuse at run time: the meta-gradient's last bits
+    changed from run to run.)"""
+    if not ops.fused_available():
+        pytest.skip("the fused op library is not built")
+    family, rule = mlp_family(), LSTMUpdateRule(4, 3, "paper", output_scale=0.1)
+    problem = family.sample(0)
+    trainer = MetaTrainer(rule, family, num_steps=4, unroll_length=4, implementation="fused")
+    fn = tf.function(lambda *args: trainer.meta_gradient(*args)[:2], autograph=False)
+    graph = fn.get_concrete_function(tf.nest.map_structure(tf.convert_to_tensor, trainer.phi), problem.params,
+                                     problem.extra, rule.init_state(problem.params), problem.data,
+                                     tf.constant(0)).graph
+    steps = [op for op in graph.get_operations() if op.type == "L2lLstmStepMulti"]
+    assert len(steps) == 4
+    assert len({op.inputs[0].ref() for op in steps}) == 1, [op.inputs[0].name for op in steps]
+    assert len(_multi_grad_ops(graph)) == 4
+
+
+def test_sharing_flat_phi_shares_it_per_tree_of_graph_tensors_only():
+    """Inside `sharing_flat_phi` the same tree of graph tensors gives the same flat tensor; another tree, a tree of
+    variables (whose values may change between steps) and code outside the block get their own."""
+    cfg = ops.StepConfig(4, 3, "paper")
+    init = RULE.__class__(4, 3, "paper").init_phi(0)
+    variables = tf.nest.map_structure(tf.Variable, init)
+
+    @tf.function(autograph=False)
+    def build():
+        a = tf.nest.map_structure(tf.constant, init)
+        b = tf.nest.map_structure(lambda v: tf.constant(v) * 2.0, init)
+        with ops.sharing_flat_phi():
+            inside = [ops.flat_phi(a, cfg), ops.flat_phi(a, cfg), ops.flat_phi(b, cfg)]
+            from_variables = [ops.flat_phi(variables, cfg), ops.flat_phi(variables, cfg)]
+        outside = [ops.flat_phi(a, cfg), ops.flat_phi(a, cfg)]
+        assert inside[0] is inside[1] and inside[2] is not inside[0]
+        assert from_variables[0] is not from_variables[1]
+        assert outside[0] is not outside[1] and outside[0] is not inside[0]
+        return inside[0], inside[2], from_variables[0], outside[0]
+
+    same, doubled, from_variables, outside = build()
+    np.testing.assert_array_equal(doubled.numpy(), 2 * same.numpy())
+    np.testing.assert_array_equal(from_variables.numpy(), same.numpy())
+    np.testing.assert_array_equal(outside.numpy(), same.numpy())

@@ -5,7 +5,8 @@
 φ is the named tree of `layout.py`; `grads` are flat [N_i] tensors and `states` their [S, N_i] states. "reference"
 always works. "fused" uses the compiled op library (csrc/) and raises when it was not built. "auto" uses the fused
 op when it is built and the caller is not being compiled by XLA (custom ops have no XLA kernel), else the reference.
-The fused kernels read φ as one flat vector: `flat_phi` builds it (differentiably) from the tree, once per call.
+The fused kernels read φ as one flat vector: `flat_phi` builds it (differentiably) from the tree, once per call
+(inside `sharing_flat_phi`, as in a meta-training unroll, once per tree).
 
 Both implementations check their inputs the same way, with the same exceptions and messages: the φ tree by
 `check_phi_tree` (leaf shapes, float32), grad / state / scale by `validate_step_inputs` (float32, [N] and [S, N],
@@ -80,9 +81,36 @@ def resolve_implementation(implementation):
 
 
 def flat_phi(phi, config: StepConfig):
-    """The fused kernels' flat float32 [P] φ from a φ tree (gradients flow back to the leaves)."""
+    """The fused kernels' flat float32 [P] φ from a φ tree (gradients flow back to the leaves); inside
+    `sharing_flat_phi`, built once per tree of graph tensors."""
     check_phi_tree(phi, config)
-    return layout.flatten(phi, concat=tf.concat, reshape=tf.reshape)
+    cache = getattr(_shared_phi, "cache", None)
+    leaves = [phi[layer][part] for layer, part in layout.LEAVES]
+    if cache is None or tf.executing_eagerly() or not all(isinstance(leaf, tf.Tensor) for leaf in leaves):
+        return layout.flatten(phi, concat=tf.concat, reshape=tf.reshape)
+    # Graph tensors are immutable values (a variable is not: it may be assigned between steps).
+    key = (id(tf.compat.v1.get_default_graph()), tuple(leaf.ref() for leaf in leaves))
+    if key not in cache:
+        cache[key] = layout.flatten(phi, concat=tf.concat, reshape=tf.reshape)
+    return cache[key]
+
+
+_shared_phi = threading.local()
+
+
+@contextlib.contextmanager
+def sharing_flat_phi():
+    """Fused steps built inside on the same φ tree (of graph tensors) share one flat φ, as a meta-training unroll's
+    steps do. Its gradient is then one AddN of the steps' d_φ, a sum in a fixed order. Flattened per step, each
+    leaf's gradient was an AddN of slices of every step's d_φ; AddN accumulates into the first input whose buffer it
+    may reuse, and for a slice that depends on when the other slices of the same d_φ are released, so the order of
+    the sum, and the last bits of the meta-gradient, changed from run to run (issue 12's review)."""
+    previous = getattr(_shared_phi, "cache", None)
+    _shared_phi.cache = {}
+    try:
+        yield
+    finally:
+        _shared_phi.cache = previous
 
 
 def phi_tree(flat, config: StepConfig):
@@ -210,7 +238,7 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
-           "lstm_step", "lstm_steps", "saving_activations", "matmul_precision", "current_matmul_precision",
+           "lstm_step", "lstm_steps", "saving_activations", "sharing_flat_phi", "matmul_precision", "current_matmul_precision",
            "check_matmul_precision", "MATMUL_PRECISIONS", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
            "validate_step_inputs", "fused_available", "fused_bf16_available", "fused_load_error",
            "inside_xla_compilation", "check_implementation", "resolve_implementation", "layout"]

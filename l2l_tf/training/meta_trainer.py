@@ -149,8 +149,10 @@ class MetaTrainer:
         family, rule = self.family, self.rule
         weights = self.loss_weights[start_step:start_step + self.unroll_length]
         params, total = tuple(params), 0.0
-        # The LSTM steps' activations are kept for the meta-gradient (within activation_memory), not recomputed.
-        with ops.saving_activations(self.activation_memory), ops.matmul_precision(self.matmul_precision):
+        # The LSTM steps' activations are kept for the meta-gradient (within activation_memory), not recomputed, and
+        # the steps share one flat φ (its gradient is then summed in a fixed order: reproducible bit for bit).
+        with ops.saving_activations(self.activation_memory), ops.matmul_precision(self.matmul_precision), \
+                ops.sharing_flat_phi():
             for k in range(self.unroll_length):
                 if self.second_derivatives:
                     loss, grads, extra = evaluation.value_and_grad(family, params, extra, data, start_step + k)
