@@ -1265,9 +1265,8 @@ class Kernel {
   }
 
   // Backward of the pointwise LSTM math of unit j of one layer, one vector: its 4 gate activations (at a, lda apart)
-  // and tanh(c'), dh
-  // (into h'), the upstream dc', c_old; writes the dz rows and d c_old; adds the dz to sb (bias-gradient partial sums
-  // of the 4 gates).
+  // and tanh(c'), dh (into h'), the upstream dc', c_old; writes the dz rows and d c_old; adds the dz to sb
+  // (bias-gradient partial sums of the 4 gates).
   L2L_INLINE void cell_backward(const float* a, int64_t lda, vf tc, int H, int j, int off, int v, vf dh, vf dc_in,
                                 vf cold, float* dz, uint16_t* dz16, float* dcold_out, vf (&sb)[4]) {
     vf ig = loadu(a), fg = loadu(a + lda), gg = loadu(a + 2 * lda), og = loadu(a + 3 * lda);

@@ -104,7 +104,7 @@ def sharing_flat_phi():
     steps do. Its gradient is then one AddN of the steps' d_φ, a sum in a fixed order. Flattened per step, each
     leaf's gradient was an AddN of slices of every step's d_φ; AddN accumulates into the first input whose buffer it
     may reuse, and for a slice that depends on when the other slices of the same d_φ are released, so the order of
-    the sum, and the last bits of the meta-gradient, changed from run to run (issue 12's review)."""
+    the sum, and the last bits of the meta-gradient, changed from run to run."""
     previous = getattr(_shared_phi, "cache", None)
     _shared_phi.cache = {}
     try:
