@@ -244,7 +244,7 @@ def test_sharing_flat_phi_shares_it_per_tree_of_graph_tensors_only():
     """Inside `sharing_flat_phi` the same tree of graph tensors gives the same flat tensor; another tree, a tree of
     variables (whose values may change between steps) and code outside the block get their own."""
     cfg = ops.StepConfig(4, 3, "paper")
-    init = RULE.__class__(4, 3, "paper").init_phi(0)
+    init = LSTMUpdateRule(4, 3, "paper").init_phi(0)
     variables = tf.nest.map_structure(tf.Variable, init)
 
     @tf.function(autograph=False)
