@@ -62,6 +62,7 @@ how much of the machine each variant needed. The JSON records hold the wall time
 import functools
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,27 @@ from l2l_tf import ops  # noqa: E402
 from l2l_tf.ops import StepConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
+
+
+def _machine():
+    """'2 CPUs, <model name> (<vendor> family F model M)' from /proc/cpuinfo: the tables' numbers depend on the CPU
+    (the sessions' machines have differed: AMD Zen 4 and Intel Xeon, whose bfloat16 dot products differ 2x in speed)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    detail = (f" ({fields.get('vendor_id')} family {fields.get('cpu family')} model {fields.get('model')})"
+              if "cpu family" in fields else "")
+    return f"{os.cpu_count()} CPUs, {name}{detail}"
+
+
 flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
                   "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
                   "split; phases: kernel ticks per coordinate by phase.")
@@ -331,7 +353,7 @@ def fit_benchmark():
           f"{FLAGS.fit_batch_size}, {FLAGS.fit_steps} steps × {FLAGS.fit_rounds} rounds "
           "(median of per-round medians); "
           f"fused op built: {ops.fused_available()}; TF {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPUs")
+          f"{_machine()}")
     print("| optimizer | implementation | ms/step | ratio to Adam |")
     print("|---|---|---:|---:|")
     for kind in kinds:
@@ -575,7 +597,7 @@ def meta_benchmark():
             for mode, ms in _op_call_ms(lstms, FLAGS.repeats * 4).items():
                 calls_rows.append((model, [len(sizes) for _, sizes in lstms], mode, ms))
     print(f"\n{FLAGS.meta_num_steps}-step meta-training run (unrolls of 20, batch 128, second derivatives off), median of "
-          f"{FLAGS.meta_runs} runs; TF {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads {threads}")
+          f"{FLAGS.meta_runs} runs; TF {tf.__version__}, {_machine()}, intra-op threads {threads}")
     print("| optimizee | coordinates | implementation | s per run | LSTM ops | optimizee | rest | floor | run / floor |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -632,7 +654,7 @@ def phases_benchmark():
         per_tick = peak / out["tsc_hz"]  # multiply-adds per tick at one core's peak
         print(f"\nN = {n:,}, hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}: ticks per coordinate "
               f"(TSC {out['tsc_hz'] / 1e9:.2f} GHz; one core's peak {peak / 1e9:.1f} G multiply-adds/s = "
-              f"{per_tick:.1f} per tick), min over {FLAGS.repeats} calls")
+              f"{per_tick:.1f} per tick), min over {FLAGS.repeats} calls; {_machine()}")
         print("| phase | forward | backward | GEMM share of peak | forward, saving activations | backward, reading them "
               "| the same, no d_grad (meta-training) | meta-training, bf16 GEMMs: forward | backward |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -685,7 +707,7 @@ def main(argv):
     cfg = StepConfig(FLAGS.hidden1, FLAGS.hidden2, FLAGS.preprocess)
     rng = np.random.default_rng(0)
     records, cpu = [], {}
-    print(f"hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}, {os.cpu_count()} CPUs, "
+    print(f"hidden {cfg.hidden1}/{cfg.hidden2}, preprocess {cfg.preprocess!r}, {_machine()}, "
           f"intra-op threads {FLAGS.threads or 'default'}, TensorFlow {tf.__version__}", flush=True)
     for n in (int(float(s)) for s in FLAGS.sizes):
         phi = ops.phi_tree((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32), cfg)
