@@ -340,7 +340,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("preprocess_param") = 10.0, py::arg("num_threads") = 0, py::arg("save_activations") = false,
         py::arg("matmul_precision") = "float32",
         "One LSTM step on float32 arrays: phi [P], grad [N], state [S, N] -> (update [N], new_state [S, N]), and "
-        "with save_activations the activations (5 (H1 + H2) x N floats, shaped [5 (H1 + H2), N], in the blocked layout "
+        "with save_activations the activations (4 (H1 + H2) x N floats, shaped [4 (H1 + H2), N], in the blocked layout "
         "of lstm_step.h: activation_group coordinates per block) a backward can use instead of recomputing them.");
   m.def("backward_cpu", &l2l::backward_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"), py::arg("scale"),
         py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20, py::arg("hidden2") = 20,

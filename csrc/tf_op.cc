@@ -207,7 +207,7 @@ absl::Status StepShape(InferenceContext* c) {
     TF_RETURN_IF_ERROR(TensorShapes(c, cfg, L.grad(i), L.state(i), L.which(i), &n, &s));
     c->set_output(i, c->Vector(n));
     c->set_output(L.N + i, c->Matrix(s, n));
-    // [5 (H1 + H2), N] where the kernel saves them (CPU, save_activations), else [0, N].
+    // [4 (H1 + H2), N] where the kernel saves them (CPU, save_activations), else [0, N].
     if (L.multi) c->set_output(L.activations_out(i), c->Matrix(c->UnknownDim(), n));
   }
   return absl::OkStatus();

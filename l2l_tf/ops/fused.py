@@ -114,7 +114,7 @@ def lstm_steps(phi, grads, states, scale, config: StepConfig, save_activations=F
     [S, N_i], scale → (updates, new_states). One launch and one split of all the tensors' chunks over the threads, so
     a 10-coordinate bias rides along with the 15,680-coordinate kernel instead of paying a call of its own.
 
-    save_activations: the CPU kernel also writes the activations its gradient needs ([5 (H1 + H2), N_i] each, kept
+    save_activations: the CPU kernel also writes the activations its gradient needs ([4 (H1 + H2), N_i] each, kept
     by TensorFlow until the gradient runs), so the gradient does not recompute them (the forward's gate GEMMs and
     pointwise math). Worth it where a gradient follows (meta-training), and only then.
 
