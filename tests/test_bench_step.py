@@ -27,9 +27,26 @@ def _kernels():
     return _kernels
 
 
+def _cpu_model():
+    """This machine's CPU model as /proc/cpuinfo names it (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def assert_names_the_machine(out):
+    """Tables are only comparable on one CPU (the bfloat16 rows swap places between Zen 4 and Intel Xeons)."""
+    model = _cpu_model()
+    if model:
+        assert f"{os.cpu_count()} CPUs, {model}" in out, out[:2000]
+
+
 def test_phases_table_accounts_every_phase():
     _kernels()
     out = run("--benchmark=phases", "--sizes=2048", "--repeats=2")
+    assert_names_the_machine(out)
     rows = {name: (f, b) for name, f, b in re.findall(r"^\| (\w+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)}
     assert {"stage", "gates1", "cell1", "gates2", "cell2", "cell_backward2", "input_grad2", "cell_backward1",
             "input_grad1", "weight_grad", "finish", "total"} <= set(rows)
@@ -53,6 +70,7 @@ def test_meta_table_splits_a_run():
         pytest.skip(f"fused op not built: {ops.fused_load_error()}")
     out = run("--benchmark=meta", "--meta_models=mnist", "--meta_runs=1", "--meta_num_steps=20",
               "--meta_implementations=fused,fused_recompute", "--repeats=1")
+    assert_names_the_machine(out)
     for implementation in ("fused", "fused_recompute"):
         row = re.search(rf"^\| mnist \| 15,910 \| {implementation} \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \| "
                         r"(-?[\d.]+) \| ([\d.]+) \| ([\d.]+)× \|", out, re.M)
