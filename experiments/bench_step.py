@@ -46,9 +46,11 @@ its activations for the gradient, as autodiff keeps the pure-TF variants' interm
 with the suffix _bf16 the same inside `ops.matmul_precision("bfloat16")`: the GEMM inputs rounded to bfloat16 (the
 fused op's AVX512_BF16 dot products; tf_xla_bf16 is the reference's emulation of the same arithmetic under XLA).
 "vs best TF" divides the fastest pure-TF row of the size and pass, float32 or bfloat16, by the row's time.
-Passes: forward (update and new state), forward_backward (forward, then the gradient of a loss of both outputs
-with respect to phi through GradientTape: the first-order meta-training pattern; the optimizee gradient enters
-through a stop-gradient, so the backward produces the gradients to phi and the state, not to the gradient input).
+Passes: forward (update and new state), forward_backward (forward, then the gradient with respect to phi through
+GradientTape: the first-order meta-training pattern; the optimizee gradient enters through a stop-gradient, so the
+backward produces the gradients to phi and the state, not to the gradient input). Its upstream gradients
+(--upstream): by default those of the loss sum(update) + sum(new_state); with --upstream=inputs dense tensors passed
+in (output_gradients), as in a meta-training unroll, where the next step's backward supplies them.
 
 Reported: median ms per step over --repeats timed calls after warm-up; GB/s of the minimum bytes moved per
 coordinate at fp32 state with S = 2 (hidden1 + hidden2) rows (80 at the default 20/20):
@@ -112,6 +114,11 @@ flags.DEFINE_list("impls", list(STEP_IMPLS), f"Implementations to time: {', '.jo
 flags.register_validator("impls", lambda names: set(names) <= set(STEP_IMPLS),
                          f"--impls must name some of {', '.join(STEP_IMPLS)}")
 flags.DEFINE_list("passes", ["forward", "forward_backward"], "Passes to time.")
+flags.DEFINE_enum("upstream", "loss", ["loss", "inputs"],
+                  "forward_backward's upstream gradients: loss, the gradient of sum(update) + sum(new_state) (TF "
+                  "makes d_new_state a [S, N] tensor of ones with a Tile that can run beside the forward; XLA fuses "
+                  "it away); inputs, random dense d_update and d_new_state passed in, as the next step's backward "
+                  "hands them to a step's gradient in a meta-training unroll.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (tracing, XLA compilation).")
 common.define_lstm_flags(hidden1=20, hidden2=20, preprocess="paper")
@@ -178,12 +185,15 @@ def make_pass(impl, pass_name, cfg):
     def forward(phi, grad, state, scale):
         return step(phi, grad, state, scale)
 
-    def forward_backward(phi, grad, state, scale):
+    def forward_backward(phi, grad, state, scale, d_update=None, d_new_state=None):
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(phi))
             update, new_state = step(phi, tf.stop_gradient(grad), state, scale)
-            loss = tf.reduce_sum(update) + tf.reduce_sum(new_state)
-        return tape.gradient(loss, phi), update, new_state
+            loss = None if d_update is not None else tf.reduce_sum(update) + tf.reduce_sum(new_state)
+        if loss is not None:  # --upstream=loss
+            return tape.gradient(loss, phi), update, new_state
+        # --upstream=inputs: the vector-Jacobian product with the upstream gradients given.
+        return tape.gradient([update, new_state], phi, output_gradients=[d_update, d_new_state]), update, new_state
 
     fn = forward if pass_name == "forward" else forward_backward
     if impl == "tf_eager":
@@ -714,6 +724,10 @@ def main(argv):
         grad = tf.constant((rng.standard_normal(n) * 1e-3).astype(np.float32))
         state = tf.constant((rng.standard_normal((cfg.state_rows, n)) * 0.5).astype(np.float32))
         scale = tf.constant(0.1)
+        upstream = ()
+        if FLAGS.upstream == "inputs":
+            upstream = (tf.constant(rng.standard_normal(n).astype(np.float32)),
+                        tf.constant(rng.standard_normal((cfg.state_rows, n)).astype(np.float32)))
         for pass_name in FLAGS.passes:
             for impl in FLAGS.impls:
                 if impl.startswith("fused_saved") and pass_name == "forward":
@@ -724,8 +738,8 @@ def main(argv):
                 if impl.startswith("fused") and impl.endswith("_bf16") and not ops.fused_bf16_available():
                     print(f"skipping {impl}: the op library was built without AVX512_BF16", flush=True)
                     continue
-                ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), (phi, grad, state, scale), FLAGS.warmup,
-                                        FLAGS.repeats)
+                args = (phi, grad, state, scale) + (upstream if pass_name == "forward_backward" else ())
+                ms, cpu_ms = time_calls(make_pass(impl, pass_name, cfg), args, FLAGS.warmup, FLAGS.repeats)
                 records.append({"impl": impl, "n": n, "pass": pass_name, "ms": ms})
                 cpu[(impl, n, pass_name)] = cpu_ms
                 print(f"  {impl:16s} N={n:<9d} {pass_name:17s} {ms:9.2f} ms (cpu {cpu_ms:.1f} ms)", flush=True)
