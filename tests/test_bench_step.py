@@ -80,3 +80,52 @@ def test_meta_table_splits_a_run():
         assert floor > 0 and ratio == pytest.approx(total / floor, rel=2e-2)
     calls = re.findall(r"^\| mnist \| \[4\] \| (one call for all tensors|one call per tensor) \| ([\d.]+) \|", out, re.M)
     assert {mode for mode, _ in calls} == {"one call for all tensors", "one call per tensor"}
+
+
+@pytest.mark.parametrize("upstream", ["loss", "inputs"])
+def test_step_table_times_every_implementation_and_pass(upstream):
+    if not ops.fused_available():
+        pytest.skip(f"fused op not built: {ops.fused_load_error()}")
+    out = run("--sizes=300", "--impls=tf_function,fused,fused_saved", "--passes=forward,forward_backward",
+              f"--upstream={upstream}", "--repeats=1", "--warmup=1")
+    assert_names_the_machine(out)
+    rows = re.findall(r"^(\w+) +300 (forward|forward_backward) +([\d.]+) +[\d.]+ +([\d.]+)x", out, re.M)
+    # fused_saved has no forward-only row (it differs from fused only in what the gradient reads).
+    assert {(impl, pass_name) for impl, pass_name, _, _ in rows} == {
+        ("tf_function", "forward"), ("fused", "forward"), ("tf_function", "forward_backward"),
+        ("fused", "forward_backward"), ("fused_saved", "forward_backward")}, out
+    for impl, pass_name, ms, ratio in rows:
+        best_tf = float(next(m for i, p, m, _ in rows if i == "tf_function" and p == pass_name))
+        assert float(ratio) == pytest.approx(best_tf / float(ms), rel=0.02, abs=0.01), (impl, pass_name, out)
+
+
+def test_upstream_inputs_are_the_vjp_upstream_gradients():
+    """--upstream=inputs: forward_backward's d_phi is the gradient of sum(update * d_update) + sum(new_state *
+    d_new_state), the VJP with those upstream gradients (checked against one written out with a loss)."""
+    import numpy as np
+    import tensorflow as tf
+
+    sys.path.insert(0, ROOT)
+    from experiments import bench_step
+
+    cfg = ops.StepConfig(5, 4, "paper")
+    rng = np.random.default_rng(3)
+    phi = ops.phi_tree((rng.standard_normal(cfg.num_params) * 0.3).astype(np.float32), cfg)
+    grad = tf.constant(rng.standard_normal(37).astype(np.float32))
+    state = tf.constant((rng.standard_normal((cfg.state_rows, 37)) * 0.5).astype(np.float32))
+    d_update = tf.constant(rng.standard_normal(37).astype(np.float32))
+    d_new_state = tf.constant(rng.standard_normal((cfg.state_rows, 37)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(tf.nest.flatten(phi))
+        update, new_state = ops.lstm_step(phi, grad, state, 0.1, cfg, "reference")
+        loss = tf.reduce_sum(update * d_update) + tf.reduce_sum(new_state * d_new_state)
+    expected = tf.nest.flatten(tape.gradient(loss, phi))
+    impls = ["tf_function"] + (["fused_saved"] if ops.fused_available() else [])
+    for impl in impls:
+        fn = bench_step.make_pass(impl, "forward_backward", cfg)
+        d_phi = tf.nest.flatten(fn(phi, grad, state, tf.constant(0.1), d_update, d_new_state)[0])
+        for got, want in zip(d_phi, expected):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5, err_msg=impl)
+        # Without them, the default loss: a different gradient.
+        default = tf.nest.flatten(fn(phi, grad, state, tf.constant(0.1))[0])
+        assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(default, expected)) > 1e-3, impl
