@@ -84,26 +84,6 @@ from l2l_tf.ops import StepConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-
-def _machine():
-    """'2 CPUs, <model name> (<vendor> family F model M)' from /proc/cpuinfo: the tables' numbers depend on the CPU
-    (the sessions' machines have differed: AMD Zen 4 and Intel Xeon, whose bfloat16 dot products differ 2x in speed)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if not line.strip():
-                    break  # the first processor's block is enough
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    detail = (f" ({fields.get('vendor_id')} family {fields.get('cpu family')} model {fields.get('model')})"
-              if "cpu family" in fields else "")
-    return f"{os.cpu_count()} CPUs, {name}{detail}"
-
-
 flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
                   "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
                   "split; phases: kernel ticks per coordinate by phase.")
@@ -157,6 +137,26 @@ flags.DEFINE_integer("meta_runs", 10, "Timed 100-step meta-training runs per mea
 flags.DEFINE_string("meta_json", None, "Write the --benchmark=meta rows to this JSON file.")
 flags.adopt_module_key_flags(common)  # the shared flags show in --helpshort too
 
+
+def _machine():
+    """'2 CPUs, <model name> (<vendor> family F model M)' from /proc/cpuinfo: the tables' numbers depend on the CPU
+    (this project's machines have differed between sessions: an AMD Zen 4, an Intel Xeon)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    detail = (f" ({fields.get('vendor_id')} family {fields.get('cpu family')} model {fields.get('model')})"
+              if "cpu family" in fields else "")
+    return f"{os.cpu_count()} CPUs, {name}{detail}"
+
+
 TF_IMPLS = ("tf_eager", "tf_function", "tf_xla", "tf_xla_bf16")
 
 
@@ -189,11 +189,11 @@ def make_pass(impl, pass_name, cfg):
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(phi))
             update, new_state = step(phi, tf.stop_gradient(grad), state, scale)
-            loss = None if d_update is not None else tf.reduce_sum(update) + tf.reduce_sum(new_state)
-        if loss is not None:  # --upstream=loss
-            return tape.gradient(loss, phi), update, new_state
-        # --upstream=inputs: the vector-Jacobian product with the upstream gradients given.
-        return tape.gradient([update, new_state], phi, output_gradients=[d_update, d_new_state]), update, new_state
+            if d_update is None:  # --upstream=loss: the gradient of sum(update) + sum(new_state)
+                targets, upstream = tf.reduce_sum(update) + tf.reduce_sum(new_state), None
+            else:  # --upstream=inputs: the vector-Jacobian product with the upstream gradients given
+                targets, upstream = [update, new_state], [d_update, d_new_state]
+        return tape.gradient(targets, phi, output_gradients=upstream), update, new_state
 
     fn = forward if pass_name == "forward" else forward_backward
     if impl == "tf_eager":
