@@ -83,7 +83,6 @@ from l2l_tf import ops  # noqa: E402
 from l2l_tf.ops import StepConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
-
 flags.DEFINE_enum("benchmark", "step", ["step", "fit", "meta", "phases"],
                   "step: the bare LSTM step; fit: model.fit vs Adam; meta: seconds per meta-training run and their "
                   "split; phases: kernel ticks per coordinate by phase.")

@@ -239,6 +239,7 @@ def lstm_step(phi, grad, state, scale, config: StepConfig, implementation="auto"
 
 __all__ = ["StepConfig", "PREPROCESS_MODES", "DEFAULT_PREPROCESS_PARAM", "PREPROCESS_PARAM_RANGE", "IMPLEMENTATIONS",
            "lstm_step", "lstm_steps", "saving_activations", "sharing_flat_phi", "matmul_precision",
-           "current_matmul_precision", "check_matmul_precision", "MATMUL_PRECISIONS", "preprocess", "flat_phi", "phi_tree", "check_phi_tree",
+           "current_matmul_precision", "check_matmul_precision", "MATMUL_PRECISIONS", "preprocess", "flat_phi",
+           "phi_tree", "check_phi_tree",
            "validate_step_inputs", "fused_available", "fused_bf16_available", "fused_load_error",
            "inside_xla_compilation", "check_implementation", "resolve_implementation", "layout"]
