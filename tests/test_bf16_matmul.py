@@ -197,6 +197,24 @@ def test_bad_precision_is_named():
                                               preprocess="paper", matmul_precision="half")
 
 
+@pytest.mark.skipif(not ops.fused_available(), reason="no op library")
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_runs_the_reference_in_bfloat16_where_the_op_lacks_avx512_bf16(monkeypatch, has_bf16):
+    """"auto" inside a bfloat16 block picks the fused op only where its kernels have the bfloat16 GEMMs; float32
+    steps and "fused" are unaffected (a "fused" bfloat16 step without them raises, naming AVX512_BF16)."""
+    monkeypatch.setattr(ops, "fused_bf16_available", lambda: has_bf16)
+    assert ops.resolve_implementation("auto") == "fused"
+    with ops.matmul_precision("bfloat16"):
+        assert ops.resolve_implementation("auto") == ("fused" if has_bf16 else "reference")
+        assert ops.resolve_implementation("fused") == "fused"
+    monkeypatch.undo()
+    if not ops.fused_bf16_available():
+        grad = tf.constant(inputs(40)[0])
+        with ops.matmul_precision("bfloat16"):
+            with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="AVX512_BF16"):
+                RULE.step(RULE.init_phi(seed=0), [grad], RULE.init_state([grad]), implementation="fused")
+
+
 def test_bfloat16_needs_a_rule_with_lstm_gemms():
     """A rule none of whose steps run the LSTM's GEMMs refuses "bfloat16" (it would be ignored); a Partitioned rule
     takes it when one of its groups is an LSTM."""

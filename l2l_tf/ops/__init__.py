@@ -4,7 +4,8 @@
 
 φ is the named tree of `layout.py`; `grads` are flat [N_i] tensors and `states` their [S, N_i] states. "reference"
 always works. "fused" uses the compiled op library (csrc/) and raises when it was not built. "auto" uses the fused
-op when it is built and the caller is not being compiled by XLA (custom ops have no XLA kernel), else the reference.
+op when it is built and the caller is not being compiled by XLA (custom ops have no XLA kernel) and, inside
+`matmul_precision("bfloat16")`, the op has the bfloat16 GEMMs (AVX512_BF16); else the reference.
 The fused kernels read φ as one flat vector: `flat_phi` builds it (differentiably) from the tree, once per call
 (inside `sharing_flat_phi`, as in a meta-training unroll, once per tree).
 
@@ -73,7 +74,11 @@ def resolve_implementation(implementation):
     """"fused" or "reference": what `lstm_step` will run for this argument in the current tracing context."""
     check_implementation(implementation)
     if implementation == "auto":
-        return "fused" if fused.available() and not fused.inside_xla_compilation() else "reference"
+        # The op has no XLA kernel, and without AVX512_BF16 no bfloat16 GEMMs: "auto" takes the pure-TF path there.
+        runnable = fused.available() and not fused.inside_xla_compilation()
+        if runnable and current_matmul_precision() == "bfloat16":
+            runnable = fused_bf16_available()
+        return "fused" if runnable else "reference"
     if implementation == "fused" and fused.inside_xla_compilation():
         raise RuntimeError("implementation='fused' cannot run inside an XLA compilation (jit_compile=True): "
                            "the custom op has no XLA kernel. Use implementation='auto' or 'reference'.")
