@@ -1637,6 +1637,8 @@ double fma_peak_per_second(double seconds) {
   return best;
 }
 
+int sub_block_size() { return kSub; }
+
 std::vector<std::vector<Slice>> plan_shards(const int64_t* n, int count, int threads) {
   threads = std::max(threads, 1);
   // The chunks, in tensor order, with their cost in sub-blocks.

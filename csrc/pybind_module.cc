@@ -11,6 +11,7 @@
 //       -> (d_phi, d_grad, d_state)   (activations: what forward_cpu saved for the same inputs; None: recomputed;
 //                                      input_gradient=False: d_grad is None, not computed)
 //   plan_shards(sizes, threads) -> [[(tensor, begin, end), ...], ...]   (how the TF op splits a multi-tensor step)
+//   sub_block_size() -> int   (coordinates per sub-block: plan_shards' unit of cost)
 //   phase_ticks_cpu(phi, grad, state, scale, d_update, d_new_state_or_None, hidden1=20, hidden2=20,
 //                   preprocess="none", preprocess_param=10.0, repeats=5, saved_activations=False,
 //                   input_gradient=True, matmul_precision="float32")
@@ -352,6 +353,9 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("plan_shards", &l2l::plan_shards_py, py::arg("sizes"), py::arg("threads"),
         "How a multi-tensor step over tensors of these sizes is split into shards for `threads` threads: a list of "
         "shards, each a list of (tensor, begin, end).");
+  m.def("sub_block_size", &l2l::sub_block_size,
+        "Coordinates per register-tiled sub-block of the CPU kernels (64 with AVX-512, 16 with AVX2): plan_shards' "
+        "unit of cost.");
   m.def("phase_ticks_cpu", &l2l::phase_ticks_cpu, py::arg("phi"), py::arg("grad"), py::arg("state"),
         py::arg("scale"), py::arg("d_update"), py::arg("d_new_state"), py::arg("hidden1") = 20,
         py::arg("hidden2") = 20, py::arg("preprocess") = "none", py::arg("preprocess_param") = 10.0,

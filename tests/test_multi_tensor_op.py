@@ -117,7 +117,10 @@ def _finish_times(costs, threads):
 
 def test_shard_plan_covers_every_coordinate_once_in_order_and_threads_taking_them_in_order_finish_together():
     K = _kernels()
-    min_shard = 8  # two full chunks, in 64-coordinate sub-blocks
+    sub = K.sub_block_size()  # 64 coordinates with AVX-512, 16 with AVX2
+    assert sub in (16, 64)
+    chunk = 256 // sub  # a full chunk's cost
+    min_shard = 2 * chunk  # two full chunks
     for sizes in ([15680, 20, 200, 10], [1], [10, 20], [256 * 62], [300, 0, 5000, 7], [256 * 40] * 3, [10 ** 6]):
         for threads in (1, 2, 3, 4):
             shards = K.plan_shards(sizes, threads)
@@ -130,7 +133,7 @@ def test_shard_plan_covers_every_coordinate_once_in_order_and_threads_taking_the
                 for t, b, e in shard:
                     assert 0 <= b < e <= sizes[t] and b % 256 == 0
                     covered[t][b:e] += 1
-                    cost += sum(-(-(min(c + 256, e) - c) // 64) for c in range(b, e, 256))
+                    cost += sum(-(-(min(c + 256, e) - c) // sub) for c in range(b, e, 256))
                     slices.append((t, b, e))
                 costs.append(cost)
             for t, n in enumerate(sizes):
@@ -142,15 +145,15 @@ def test_shard_plan_covers_every_coordinate_once_in_order_and_threads_taking_the
             # Each shard about 1/threads of what is left (at least two chunks; a smaller remainder joins the last).
             left = total
             for cost in costs[:-1]:
-                assert min_shard <= cost < max(min_shard, left // threads) + 4, (sizes, threads, costs)
+                assert min_shard <= cost < max(min_shard, left // threads) + chunk, (sizes, threads, costs)
                 left -= cost
-            assert costs[-1] < 2 * min_shard + 4 or len(costs) == 1, (sizes, threads, costs)
+            assert costs[-1] < 2 * min_shard + chunk or len(costs) == 1, (sizes, threads, costs)
             # Threads taking the shards in order end within the last shards' cost of each other.
             finish = _finish_times(costs, threads)
             if len(costs) >= threads:
                 assert max(finish) - min(finish) <= max(costs[-threads:]), (sizes, threads, costs, finish)
     # The MNIST MLP on 2 threads: a few shards, largest first.
-    costs = [sum(-(-(min(c + 256, e) - c) // 64) for t, b, e in shard for c in range(b, e, 256))
+    costs = [sum(-(-(min(c + 256, e) - c) // sub) for t, b, e in shard for c in range(b, e, 256))
              for shard in K.plan_shards([15680, 20, 200, 10], 2)]
     assert 3 <= len(costs) <= 8 and costs == sorted(costs, reverse=True), costs
 

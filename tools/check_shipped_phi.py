@@ -26,7 +26,8 @@ SETTING_NAMES = ("quadratic", "base", "steps200")
 
 
 def evaluate(setting, implementation="auto"):
-    """(mean LSTM test-loss curve now, the recorded one, number of problems) for one setting."""
+    """(mean LSTM test-loss curve now, the recorded one, number of problems, standard error of the mean now) for
+    one setting."""
     if setting == "quadratic":
         recorded = json.load(open(os.path.join(ROOT, "docs", "results", "quadratic.json")))
         rule, phi, _ = load_phi(os.path.join(ROOT, "l2l_tf", "pretrained", "quadratic.npz"))
@@ -40,7 +41,8 @@ def evaluate(setting, implementation="auto"):
     count = recorded["num_test_problems"]
     losses = evaluation.Evaluator(family, recorded["steps"]).losses(
         baselines.learned(rule, implementation=implementation), {"phi": phi}, seeds_for("test", count, 0))
-    return losses.mean(axis=0), np.asarray(recorded["optimizers"]["lstm"]["mean_loss"]), count
+    stderr = losses.std(axis=0, ddof=1) / np.sqrt(count)
+    return losses.mean(axis=0), np.asarray(recorded["optimizers"]["lstm"]["mean_loss"]), count, stderr
 
 
 def main():
@@ -53,7 +55,7 @@ def main():
     worst = 0.0
     for setting in args.settings.split(","):
         started = time.time()
-        mean, curve, count = evaluate(setting, args.implementation)
+        mean, curve, count, _ = evaluate(setting, args.implementation)
         rel = np.abs(mean - curve) / np.abs(curve)
         worst = max(worst, float(rel.max()))
         print(f"{setting:<10}{count:>9}{len(curve) - 1:>6}{mean[-1]:>11.5g}{curve[-1]:>11.5g}{rel.max():>14.3%}"
