@@ -129,8 +129,9 @@ struct Slice {
 
 // Splits the coordinates of tensors of sizes n[0..count) into shards for `threads` threads that take them in order:
 // whole 256-coordinate chunks (a tensor's last chunk may be partial), consecutive in tensor order, costed by their
-// columns rounded up to the sub-block the kernels compute (sub_block_size(): 64 coordinates with AVX-512, 16 with AVX2). Guided self-scheduling: each shard has about
-// 1/threads of the cost left after the shards before it (at least two full chunks), so shards shrink towards the end
+// columns rounded up to the sub-block the kernels compute (sub_block_size(): 64 coordinates with AVX-512, 16 with
+// AVX2). Guided self-scheduling: each shard has about 1/threads of the cost left after the shards before it (at
+// least two full chunks), so shards shrink towards the end
 // and threads that take the next one whenever they are free finish together, whichever thread starts late or runs
 // slow. One thread: one shard. Deterministic: the same sizes and threads give the same shards.
 std::vector<std::vector<Slice>> plan_shards(const int64_t* n, int count, int threads);

@@ -173,8 +173,8 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
             forward takes ~27% less time at a million coordinates (README: the step table); the updates move by
             ~0.1-0.3% of their size. With implementation="fused" the op built without AVX512_BF16, and the GPU op,
             raise; the pure-TF path (`reference`, or "auto" under XLA or where the CPU op lacks AVX512_BF16)
-            emulates the rounding, which is slower than float32. A rule without
-            the LSTM's GEMMs refuses "bfloat16". A run-time choice, saved with the optimizer's config.
+            emulates the rounding, which is slower than float32. A rule without the LSTM's GEMMs refuses
+            "bfloat16". A run-time choice, saved with the optimizer's config.
         **kwargs: the usual Keras optimizer arguments: weight_decay, clipnorm, clipvalue, global_clipnorm,
             use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps.
 
